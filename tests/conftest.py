@@ -1,0 +1,79 @@
+"""Shared fixtures: a real PostgreSQL for the session, and every async test under two loops."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from stack.pg import EmbeddedPostgres
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a normal dependency on Linux
+    uvloop = None
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Run every async test under the default loop and under uvloop."""
+    factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "asyncio": asyncio.new_event_loop
+    }
+    if uvloop is not None:
+        factories["uvloop"] = uvloop.new_event_loop
+    return factories
+
+
+class ExternalPostgres:
+    """The PostgreSQL that ``PGSQL_*`` names, when the user points the tests at one."""
+
+    def __init__(self) -> None:
+        self.host = os.environ["PGSQL_HOST"]
+        self.port = int(os.environ.get("PGSQL_PORT", "5432"))
+        self.user = os.environ.get("PGSQL_USER", "postgres")
+        self.password = os.environ.get("PGSQL_PASSWORD", "")
+        self.dbname = os.environ.get("PGSQL_DBNAME", "se_lab6")
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.dbname}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "PGSQL_HOST": self.host,
+            "PGSQL_PORT": str(self.port),
+            "PGSQL_USER": self.user,
+            "PGSQL_PASSWORD": self.password,
+            "PGSQL_DBNAME": self.dbname,
+        }
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres | ExternalPostgres]:
+    """The session's PostgreSQL: the one ``PGSQL_HOST`` names, else a throwaway embedded one."""
+    if os.environ.get("PGSQL_HOST"):
+        yield ExternalPostgres()
+        return
+    base = tmp_path_factory.mktemp("pg-session")
+    server = EmbeddedPostgres(data_dir=base / "data", log_file=base / "postgres.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop("fast")
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL of this test's own, to stop, kill and restart (always embedded)."""
+    server = EmbeddedPostgres(data_dir=tmp_path / "pgdata", log_file=tmp_path / "postgres.log")
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
