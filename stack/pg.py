@@ -13,6 +13,7 @@ directory and port.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import signal
@@ -21,7 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 StopMode = Literal["smart", "fast", "immediate"]
 _STOP_SIGNALS: dict[StopMode, signal.Signals] = {
@@ -37,13 +38,17 @@ class EmbeddedPostgresError(RuntimeError):
 
 
 def _bin_dir() -> Path:
-    try:
-        from pgserver._commands import POSTGRES_BIN_PATH
-    except ImportError as exc:  # pragma: no cover - depends on the install
+    # Found without importing pgserver: its import has side effects (runtime dirs, lock
+    # files, a warning) that we do not need just to run its binaries.
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
         raise EmbeddedPostgresError(
             "the embedded PostgreSQL needs the 'pgserver' package: pip install 'varstack[embedded]'"
-        ) from exc
-    return Path(POSTGRES_BIN_PATH)
+        )
+    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (bin_dir / "postgres").exists():
+        raise EmbeddedPostgresError(f"pgserver is installed but {bin_dir} has no postgres binary")
+    return bin_dir
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -68,7 +73,13 @@ def _run_as() -> str | None:
     return _SYSTEM_USER
 
 
-def _as_user(user: str | None) -> dict[str, object]:
+class _RunAs(TypedDict, total=False):
+    user: str
+    group: int
+    extra_groups: list[int]
+
+
+def _as_user(user: str | None) -> _RunAs:
     """subprocess arguments that drop root to ``user`` entirely (uid, gid and groups)."""
     if user is None:
         return {}
@@ -100,7 +111,8 @@ def _prepare_binaries(user: str) -> None:
         for name in dirs + files:
             p = os.path.join(root, name)
             if not os.path.islink(p):
-                os.chmod(p, os.stat(p).st_mode | 0o004 | (0o001 if name in files and root == str(bin_dir) else 0))
+                executable = 0o001 if name in files and root == str(bin_dir) else 0
+                os.chmod(p, os.stat(p).st_mode | 0o004 | executable)
 
 
 @dataclass
@@ -151,7 +163,9 @@ class EmbeddedPostgres:
         if (self.data_dir / "PG_VERSION").exists():
             return
         if any(self.data_dir.iterdir()):
-            raise EmbeddedPostgresError(f"{self.data_dir} is not empty and holds no PostgreSQL cluster")
+            raise EmbeddedPostgresError(
+                f"{self.data_dir} is not empty and holds no PostgreSQL cluster"
+            )
         pwfile = self.data_dir.parent / f".{self.data_dir.name}.pw"
         pwfile.write_text(self.password + "\n")
         try:
@@ -172,7 +186,7 @@ class EmbeddedPostgres:
                     "--locale=C",
                     "--no-sync",
                 ],
-                **_as_user(run_as),  # type: ignore[arg-type]
+                **_as_user(run_as),
                 capture_output=True,
                 text=True,
                 check=False,
@@ -184,15 +198,16 @@ class EmbeddedPostgres:
 
     def _create_database(self, run_as: str | None) -> None:
         psql = str(_bin_dir() / "psql")
-        base = [psql, "-h", str(self.data_dir), "-p", str(self.port), "-U", self.user, "-d", "postgres"]
+        base = [psql, "-h", str(self.data_dir), "-p", str(self.port), "-U", self.user]
+        base += ["-d", "postgres"]
         exists = subprocess.run(
             [*base, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{self.dbname}'"],
-            **_as_user(run_as), capture_output=True, text=True, check=True,  # type: ignore[arg-type]
+            **_as_user(run_as), capture_output=True, text=True, check=True,
         ).stdout.strip()
         if exists != "1":
             subprocess.run(
                 [*base, "-c", f'CREATE DATABASE "{self.dbname}"'],
-                **_as_user(run_as), capture_output=True, text=True, check=True,  # type: ignore[arg-type]
+                **_as_user(run_as), capture_output=True, text=True, check=True,
             )
 
     # -- process control ----------------------------------------------------
@@ -219,7 +234,7 @@ class EmbeddedPostgres:
                     "-c", "max_connections=200",
                     "-c", "shared_buffers=64MB",
                 ],
-                **_as_user(run_as),  # type: ignore[arg-type]
+                **_as_user(run_as),
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
@@ -264,7 +279,9 @@ class EmbeddedPostgres:
                 return
             if time.monotonic() > deadline:
                 self.kill()
-                raise EmbeddedPostgresError(f"postgres did not accept connections within {timeout}s")
+                raise EmbeddedPostgresError(
+                    f"postgres did not accept connections within {timeout}s"
+                )
             time.sleep(0.05)
 
     def stop(self, mode: StopMode = "fast", timeout: float = 30.0) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -55,13 +56,18 @@ class ExternalPostgres:
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres | ExternalPostgres]:
+def postgres(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[EmbeddedPostgres | ExternalPostgres]:
     """The session's PostgreSQL: the one ``PGSQL_HOST`` names, else a throwaway embedded one."""
     if os.environ.get("PGSQL_HOST"):
         yield ExternalPostgres()
         return
     base = tmp_path_factory.mktemp("pg-session")
-    server = EmbeddedPostgres(data_dir=base / "data", log_file=base / "postgres.log")
+    server = EmbeddedPostgres(
+        data_dir=base / "data", log_file=base / "postgres.log",
+        password=f"pw-{secrets.token_hex(8)}",  # distinctive, so tests can look for leaks
+    )
     server.start()
     try:
         yield server

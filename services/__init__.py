@@ -1,0 +1,1 @@
+"""varstack's variables API: aiohttp over an asyncpg pool."""

@@ -1,0 +1,333 @@
+"""The HTTP API: app factory, routes, request parsing and answers (plain text or JSON).
+
+Wire-compatible with the original Flask service, whose clients send the key (and value)
+as a JSON body on every method, GET and DELETE included.  Key and value may also come
+from the query string.  Every client mistake gets a 4xx with a message that says what
+was wrong, and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+from urllib.parse import parse_qs
+
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+from services.config import Config
+from services.db import Database, DatabaseBusy, DatabaseUnavailable
+from services.metrics import Metrics
+from services.openapi import openapi_document
+
+log = logging.getLogger("services.api")
+access_log = logging.getLogger("services.access")
+
+
+@dataclass
+class Lifecycle:
+    """What the process is doing: set by the server, read by /healthcheck."""
+
+    draining: bool = False
+
+
+CONFIG = web.AppKey("config", Config)
+DATABASE = web.AppKey("database", Database)
+METRICS = web.AppKey("metrics", Metrics)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+SERVED_BY = web.AppKey("served_by", str)
+
+TEXT = "text/plain"
+RETRY_AFTER_SECONDS = "1"
+
+
+class ClientError(Exception):
+    """A request the client got wrong: answered with ``status`` and ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _bad(message: str) -> NoReturn:
+    raise ClientError(400, message)
+
+
+# -- answers -----------------------------------------------------------------
+
+
+def wants_json(request: web.Request) -> bool:
+    return "json" in request.headers.get(hdrs.ACCEPT, "")
+
+
+def answer(
+    request: web.Request,
+    status: int,
+    message: str,
+    *,
+    data: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """The response in the form the client asked for: ``data`` (or ``{"error": message}``
+    for 4xx/5xx) as JSON, else ``message`` as plain text."""
+    if wants_json(request):
+        payload = data if data is not None else (
+            {"error": message} if status >= 400 else {"message": message}
+        )
+        return web.Response(
+            status=status,
+            body=json.dumps(payload, ensure_ascii=False).encode("utf-8"),
+            content_type="application/json",
+            headers=headers,
+        )
+    return web.Response(status=status, text=message, content_type=TEXT, headers=headers)
+
+
+# -- request parsing ---------------------------------------------------------
+
+
+async def _body_object(request: web.Request) -> dict[str, Any]:
+    """The JSON object in the body; {} for an empty body."""
+    max_bytes = request.app[CONFIG].max_body_bytes
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ClientError(413, f"request body is larger than {max_bytes} bytes")
+    if not request.body_exists:
+        return {}
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ClientError(413, f"request body is larger than {max_bytes} bytes") from None
+    if not raw.strip():
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        _bad("request body is not valid UTF-8")
+    try:
+        body = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        _bad(f"request body is not valid JSON ({msg})")
+    if not isinstance(body, dict):
+        _bad('request body must be a JSON object, like {"key": "name", "value": "text"}')
+    return body
+
+
+def _query(request: web.Request) -> dict[str, list[str]]:
+    raw = request.rel_url.raw_query_string
+    if not raw:
+        return {}
+    try:
+        return parse_qs(raw, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        _bad("query string is not valid UTF-8")
+
+
+def _check_text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        _bad(f"{name} must be a string, got {_json_type(value)}")
+    if "\x00" in value:
+        _bad(f"{name} must not contain NUL (\\u0000) characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        _bad(f"{name} is not valid Unicode (it contains a lone surrogate)")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _field(name: str, body: dict[str, Any], query: dict[str, list[str]]) -> str:
+    in_body = name in body
+    in_query = name in query
+    if in_query and len(query[name]) > 1:
+        _bad(f"{name} is given more than once in the query string")
+    if not in_body and not in_query:
+        _bad(f'missing {name}: send it in a JSON body ({{"{name}": ...}}) or as ?{name}=...')
+    value = _check_text(name, body[name]) if in_body else _check_text(name, query[name][0])
+    if in_body and in_query and query[name][0] != value:
+        _bad(f"{name} is given in both the query string and the body, with different values")
+    return value
+
+
+async def _parse(request: web.Request, *, with_value: bool) -> tuple[str, str]:
+    body = await _body_object(request)
+    query = _query(request)
+    key = _field("key", body, query)
+    if not key:
+        _bad("key must not be empty")
+    max_key = request.app[CONFIG].max_key_bytes
+    if len(key) * 4 > max_key and len(key.encode("utf-8")) > max_key:
+        _bad(f"key is longer than {max_key} bytes (UTF-8)")
+    value = _field("value", body, query) if with_value else ""
+    return key, value
+
+
+# -- handlers ----------------------------------------------------------------
+
+
+async def set_var(request: web.Request) -> web.Response:
+    key, value = await _parse(request, with_value=True)
+    if await request.app[DATABASE].set_var(key, value):
+        return answer(request, 201, "variable created", data={"key": key, "value": value})
+    return answer(request, 409, "variable already exists")
+
+
+async def get_var(request: web.Request) -> web.Response:
+    key, _ = await _parse(request, with_value=False)
+    value = await request.app[DATABASE].get_var(key)
+    if value is None:
+        return answer(request, 404, "variable not found")
+    if wants_json(request):
+        return answer(request, 200, value, data={"key": key, "value": value})
+    return web.Response(text=value, content_type=TEXT)
+
+
+async def edit_var(request: web.Request) -> web.Response:
+    key, value = await _parse(request, with_value=True)
+    if await request.app[DATABASE].edit_var(key, value):
+        return answer(request, 200, "variable edited", data={"key": key, "value": value})
+    return answer(request, 404, "variable not found")
+
+
+async def delete_var(request: web.Request) -> web.Response:
+    key, _ = await _parse(request, with_value=False)
+    if await request.app[DATABASE].delete_var(key):
+        return web.Response(status=204)
+    return answer(request, 404, "variable not found")
+
+
+async def healthcheck(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return answer(request, 503, "server is draining", headers={"Retry-After": "1"})
+    try:
+        await request.app[DATABASE].ping()
+    except (DatabaseUnavailable, DatabaseBusy) as exc:
+        return answer(request, 503, f"database unavailable: {exc}",
+                      headers={"Retry-After": RETRY_AFTER_SECONDS})
+    return answer(request, 200, "server is healthy", data={"status": "healthy"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    response = web.Response(body=body)
+    response.headers[hdrs.CONTENT_TYPE] = content_type
+    return response
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+# -- middleware and signals ---------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[StreamResponse]]
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamResponse:
+    """Turn every failure into a named answer in the client's format, and count it."""
+    started = time.perf_counter()
+    response: StreamResponse
+    try:
+        response = await handler(request)
+    except ClientError as exc:
+        response = answer(request, exc.status, exc.message)
+    except DatabaseBusy as exc:
+        log.warning("%s %s: database busy: %s", request.method, request.path, exc)
+        response = answer(request, 503, "database busy, retry later",
+                          headers={"Retry-After": RETRY_AFTER_SECONDS})
+    except DatabaseUnavailable as exc:
+        log.warning("%s %s: database unavailable: %s", request.method, request.path, exc)
+        response = answer(request, 503, "database unavailable",
+                          headers={"Retry-After": RETRY_AFTER_SECONDS})
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        response = answer(
+            request, 405, f"method {request.method} is not allowed on {request.path}; "
+            f"use {allowed}", headers={hdrs.ALLOW: allowed},
+        )
+    except web.HTTPNotFound:
+        response = answer(request, 404, f"no such endpoint: {request.path}")
+    except web.HTTPException as exc:
+        response = answer(request, exc.status, exc.reason, headers=dict(exc.headers))
+    route = request.match_info.route.resource
+    request.app[METRICS].observe(
+        request.method,
+        route.canonical if route is not None else "unmatched",
+        response.status,
+        time.perf_counter() - started,
+    )
+    return response
+
+
+async def _served_by_header(request: web.Request, response: StreamResponse) -> None:
+    response.headers["X-Served-By"] = request.app[SERVED_BY]
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request, at the level SERVICE_ACCESS_LOG names."""
+
+    level = logging.INFO
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.logger.log(
+            self.level, '%s "%s %s" %d %d %.1fms',
+            request.remote, request.method, request.path_qs, response.status,
+            response.body_length, time * 1000,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(self.level)
+
+
+def access_logger_class(level: str) -> type[AccessLogger]:
+    return type("AccessLogger", (AccessLogger,), {"level": getattr(logging, level.upper())})
+
+
+# -- the app -----------------------------------------------------------------
+
+
+def create_app(
+    config: Config, *, served_by: str | None = None, lifecycle: Lifecycle | None = None
+) -> web.Application:
+    """The application; the database pool lives and dies with it (cleanup_ctx)."""
+    app = web.Application(
+        middlewares=[errors_and_metrics], client_max_size=config.max_body_bytes
+    )
+    app[CONFIG] = config
+    app[SERVED_BY] = served_by or config.served_by_for(config.port)
+    app[LIFECYCLE] = lifecycle or Lifecycle()
+    app[METRICS] = Metrics()
+
+    async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+        database = Database(config, on_error=app[METRICS].database_error)
+        app[METRICS].watch_pool(database.pool_stats)
+        app[DATABASE] = database
+        database.start()
+        yield
+        await database.close()
+
+    app.cleanup_ctx.append(database_ctx)
+    app.on_response_prepare.append(_served_by_header)
+    app.router.add_get("/healthcheck", healthcheck)
+    app.router.add_post("/set_var", set_var)
+    app.router.add_get("/get_var", get_var)
+    app.router.add_put("/edit_var", edit_var)
+    app.router.add_delete("/delete_var", delete_var)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    return app

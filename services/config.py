@@ -1,0 +1,225 @@
+"""The service's configuration: one typed object, read once from the environment and flags.
+
+The ``PGSQL_*`` names are the original system's contract (its compose file sets them);
+everything else is prefixed ``SERVICE_``.  A bad value stops the start with a message
+that names the variable (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ACCESS_LOG_LEVELS = ("info", "debug", "off")
+LOOPS = ("auto", "uvloop", "asyncio")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with; the message names the variable."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    env: str
+    default: str
+    help: str
+    flag: str | None = None
+
+
+# One row per variable: the README's configuration table is written from this list.
+SETTINGS: tuple[Setting, ...] = (
+    Setting(env="SERVICE_HOST", default="0.0.0.0", flag="--host", help="address to listen on"),
+    Setting(env="SERVICE_PORT", default="5000", flag="--port", help="TCP port to listen on"),
+    Setting(env="SERVICE_NAME", default="<hostname>:<port>",
+            help="value of the X-Served-By response header"),
+    Setting(env="PGSQL_HOST", default="database", help="PostgreSQL host"),
+    Setting(env="PGSQL_PORT", default="5432", help="PostgreSQL port"),
+    Setting(env="PGSQL_DBNAME", default="se_lab6", help="database name"),
+    Setting(env="PGSQL_USER", default="postgres", help="database user"),
+    Setting(env="PGSQL_PASSWORD", default="", help="database password (never logged)"),
+    Setting(env="SERVICE_POOL_MIN_SIZE", default="1", help="connections the pool keeps open"),
+    Setting(env="SERVICE_POOL_MAX_SIZE", default="10", help="most connections the pool opens"),
+    Setting(env="SERVICE_POOL_ACQUIRE_TIMEOUT", default="2.0",
+            help="seconds a request waits for a free connection before 503"),
+    Setting(env="SERVICE_MAX_WAITING", default="512",
+            help="requests allowed to wait for a connection; beyond it, 503 at once"),
+    Setting(env="SERVICE_DB_COMMAND_TIMEOUT", default="5.0",
+            help="seconds one SQL statement may take before 503"),
+    Setting(env="SERVICE_DB_CONNECT_TIMEOUT", default="5.0",
+            help="seconds one connection attempt may take"),
+    Setting(env="SERVICE_DB_RETRY_MAX_DELAY", default="5.0",
+            help="longest pause between connection attempts at start (backoff cap)"),
+    Setting(env="SERVICE_HEALTH_TIMEOUT", default="1.0",
+            help="seconds /healthcheck waits for the database"),
+    Setting(env="SERVICE_MAX_BODY_BYTES", default="1048576",
+            help="largest request body; larger gets 413"),
+    Setting(env="SERVICE_MAX_KEY_BYTES", default="1024",
+            help="longest key in UTF-8 bytes; longer gets 400"),
+    Setting(env="SERVICE_SHUTDOWN_TIMEOUT", default="8.0",
+            help="seconds in-flight requests get to finish on SIGTERM (< 10 s stop grace)"),
+    Setting(env="SERVICE_LOOP", default="auto",
+            help="event loop: auto (uvloop when installed), uvloop or asyncio"),
+    Setting(env="SERVICE_LOG_LEVEL", default="info", help="debug, info, warning or error"),
+    Setting(env="SERVICE_ACCESS_LOG", default="info",
+            help="level of the one line per request: info, debug or off"),
+)
+
+ENV_VARS: tuple[str, ...] = tuple(s.env for s in SETTINGS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    host: str = "0.0.0.0"
+    port: int = 5000
+    served_by: str = ""
+    pg_host: str = "database"
+    pg_port: int = 5432
+    pg_dbname: str = "se_lab6"
+    pg_user: str = "postgres"
+    pg_password: str = field(default="", repr=False)
+    pool_min_size: int = 1
+    pool_max_size: int = 10
+    pool_acquire_timeout: float = 2.0
+    max_waiting: int = 512
+    db_command_timeout: float = 5.0
+    db_connect_timeout: float = 5.0
+    db_retry_max_delay: float = 5.0
+    health_timeout: float = 1.0
+    max_body_bytes: int = 1024 * 1024
+    max_key_bytes: int = 1024
+    shutdown_timeout: float = 8.0
+    loop: str = "auto"
+    log_level: str = "info"
+    access_log: str = "info"
+
+    def served_by_for(self, bound_port: int) -> str:
+        """The X-Served-By value: SERVICE_NAME, else this host and the port actually bound."""
+        return self.served_by or f"{socket.gethostname()}:{bound_port}"
+
+    @property
+    def log_level_number(self) -> int:
+        return int(getattr(logging, self.log_level.upper()))
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings for a start-up log line: the password is never shown."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["pg_password"] = "***" if self.pg_password else ""
+        return out
+
+
+def _integer(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo:g} and {hi:g} seconds, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(options: Sequence[str]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _text(*, empty_ok: bool = False) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw if empty_ok else raw.strip()
+        if not value and not empty_ok:
+            raise ConfigError(f"{name} must not be empty")
+        return value
+
+    return parse
+
+
+# Config field <- (variable, parser).
+_PARSERS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "host": ("SERVICE_HOST", _text()),
+    "port": ("SERVICE_PORT", _integer(0, 65535)),
+    "served_by": ("SERVICE_NAME", _text(empty_ok=True)),
+    "pg_host": ("PGSQL_HOST", _text()),
+    "pg_port": ("PGSQL_PORT", _integer(1, 65535)),
+    "pg_dbname": ("PGSQL_DBNAME", _text()),
+    "pg_user": ("PGSQL_USER", _text()),
+    "pg_password": ("PGSQL_PASSWORD", _text(empty_ok=True)),
+    "pool_min_size": ("SERVICE_POOL_MIN_SIZE", _integer(0, 1000)),
+    "pool_max_size": ("SERVICE_POOL_MAX_SIZE", _integer(1, 1000)),
+    "pool_acquire_timeout": ("SERVICE_POOL_ACQUIRE_TIMEOUT", _seconds(0.001, 300)),
+    "max_waiting": ("SERVICE_MAX_WAITING", _integer(0, 100_000)),
+    "db_command_timeout": ("SERVICE_DB_COMMAND_TIMEOUT", _seconds(0.001, 3600)),
+    "db_connect_timeout": ("SERVICE_DB_CONNECT_TIMEOUT", _seconds(0.001, 300)),
+    "db_retry_max_delay": ("SERVICE_DB_RETRY_MAX_DELAY", _seconds(0.01, 300)),
+    "health_timeout": ("SERVICE_HEALTH_TIMEOUT", _seconds(0.001, 60)),
+    "max_body_bytes": ("SERVICE_MAX_BODY_BYTES", _integer(1024, 1 << 30)),
+    "max_key_bytes": ("SERVICE_MAX_KEY_BYTES", _integer(1, 2000)),
+    "shutdown_timeout": ("SERVICE_SHUTDOWN_TIMEOUT", _seconds(0, 3600)),
+    "loop": ("SERVICE_LOOP", _choice(LOOPS)),
+    "log_level": ("SERVICE_LOG_LEVEL", _choice(LOG_LEVELS)),
+    "access_log": ("SERVICE_ACCESS_LOG", _choice(ACCESS_LOG_LEVELS)),
+}
+assert {env for env, _ in _PARSERS.values()} == set(ENV_VARS)
+
+
+def _arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="varstack-service",
+        description="The varstack variables API (aiohttp + asyncpg). "
+        "Every setting is an environment variable; flags override them.",
+    )
+    for setting in SETTINGS:
+        if setting.flag:
+            parser.add_argument(
+                setting.flag, dest=setting.env, metavar=setting.env,
+                help=f"{setting.help} (env {setting.env}, default {setting.default})",
+            )
+    return parser
+
+
+def load_config(
+    environ: Mapping[str, str], argv: Sequence[str] | None = None
+) -> Config:
+    """Build the config from ``environ`` and command-line ``argv`` (flags win)."""
+    values: dict[str, str] = {name: raw for name, raw in environ.items() if name in ENV_VARS}
+    if argv is not None:
+        args = _arg_parser().parse_args(list(argv))
+        values.update({k: v for k, v in vars(args).items() if v is not None})
+    kwargs: dict[str, Any] = {}
+    for field_name, (env, parse) in _PARSERS.items():
+        if env in values:
+            kwargs[field_name] = parse(env, values[env])
+    config = Config(**kwargs)
+    if config.pool_min_size > config.pool_max_size:
+        raise ConfigError(
+            "SERVICE_POOL_MIN_SIZE must not exceed SERVICE_POOL_MAX_SIZE "
+            f"({config.pool_min_size} > {config.pool_max_size})"
+        )
+    return config

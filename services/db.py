@@ -1,0 +1,270 @@
+"""The database: the asyncpg pool, its lifecycle, the schema step and the four statements.
+
+Each API operation is one atomic statement, so concurrent requests cannot race between
+a check and a write.  The pool is created in the background with backoff, so the
+service starts (and answers 503) before PostgreSQL exists.  Every failure to reach the
+database surfaces as :class:`DatabaseUnavailable`; a pool that is full surfaces as
+:class:`DatabaseBusy`: both become 503, never 500 and never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from services.config import Config
+
+log = logging.getLogger("services.db")
+
+# pg_advisory_xact_lock key for the schema step: replicas starting together apply it one
+# at a time (concurrent CREATE TABLE IF NOT EXISTS collides on pg_type's unique index).
+SCHEMA_LOCK_KEY = 0x7661_7273_7461_636B  # "varstack"
+
+SQL_SET = (
+    "INSERT INTO public.variables (key, value) VALUES ($1, $2) "
+    "ON CONFLICT (key) DO NOTHING RETURNING true"
+)
+SQL_GET = "SELECT value FROM public.variables WHERE key = $1"
+SQL_EDIT = "UPDATE public.variables SET value = $2 WHERE key = $1 RETURNING true"
+SQL_DELETE = "DELETE FROM public.variables WHERE key = $1 RETURNING true"
+SQL_PING = "SELECT 1"
+
+# What "the database cannot be reached right now" looks like from asyncpg: refused or
+# dropped sockets, the server shutting down or starting up, no connection slot left.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+)
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL cannot be reached (down, restarting, not yet started)."""
+
+
+class DatabaseBusy(Exception):
+    """Every connection is in use and too many requests already wait for one."""
+
+
+def schema_sql() -> str:
+    """The schema script: shipped in the wheel, or read from the checkout's ``sql/``."""
+    shipped = resources.files("services").joinpath("schema.sql")
+    if shipped.is_file():
+        return shipped.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "sql" / "schema.sql").read_text(
+        encoding="utf-8"
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for logs and 503 bodies (never contains the password)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, TimeoutError):
+        text = text or "timed out"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    # Our statements leave no session state; asyncpg's default reset costs a round trip
+    # per request. Only an interrupted transaction needs undoing.
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+class Database:
+    """Owns the pool: ``start()`` begins connecting, ``close()`` ends it.
+
+    ``on_error`` is called with a short kind for every database error a request meets
+    (for metrics).
+    """
+
+    def __init__(
+        self, config: Config, *, on_error: Callable[[str], None] | None = None
+    ) -> None:
+        self._config = config
+        self._pool: asyncpg.Pool | None = None
+        self._connector: asyncio.Task[None] | None = None
+        self._expiring: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self._on_error = on_error or (lambda kind: None)
+        self.last_error = "not connected yet"
+        self.ready = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting in the background; requests get 503 until it succeeds."""
+        if self._connector is None:
+            self._connector = asyncio.create_task(self._connect_until_ready(), name="db-connect")
+
+    async def _connect_until_ready(self) -> None:
+        cfg = self._config
+        delay = 0.1
+        attempt = 0
+        started = time.monotonic()
+        while True:
+            attempt += 1
+            try:
+                pool = await self._create_pool()
+            except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
+                self.last_error = describe(exc)
+                pause = delay * random.uniform(0.5, 1.0)
+                log.warning(
+                    "database %s:%s not ready (attempt %d): %s; retrying in %.1fs",
+                    cfg.pg_host, cfg.pg_port, attempt, self.last_error, pause,
+                )
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, cfg.db_retry_max_delay)
+                continue
+            self._pool = pool
+            self.last_error = ""
+            self.ready.set()
+            log.info(
+                "database %s:%s/%s ready after %d attempt(s), %.1fs",
+                cfg.pg_host, cfg.pg_port, cfg.pg_dbname, attempt, time.monotonic() - started,
+            )
+            return
+
+    async def _create_pool(self) -> asyncpg.Pool:
+        cfg = self._config
+        pool = await asyncpg.create_pool(
+            host=cfg.pg_host,
+            port=cfg.pg_port,
+            user=cfg.pg_user,
+            password=cfg.pg_password,
+            database=cfg.pg_dbname,
+            min_size=cfg.pool_min_size,
+            max_size=cfg.pool_max_size,
+            command_timeout=cfg.db_command_timeout,
+            timeout=cfg.db_connect_timeout,
+            reset=_reset,
+            server_settings={"application_name": "varstack-service"},
+        )
+        try:
+            async with asyncio.timeout(cfg.db_connect_timeout + cfg.db_command_timeout):
+                await self._apply_schema(pool)
+        except BaseException:
+            pool.terminate()
+            raise
+        return pool
+
+    @staticmethod
+    async def _apply_schema(pool: asyncpg.Pool) -> None:
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+            await conn.execute(schema_sql())
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop connecting and close the pool; after ``timeout`` terminate what remains."""
+        if self._connector is not None:
+            self._connector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connector
+            self._connector = None
+        if self._expiring is not None:
+            with contextlib.suppress(Exception):
+                await self._expiring
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await pool.close()
+        except TimeoutError:
+            log.warning("closing the database pool took over %.1fs; terminating it", timeout)
+            pool.terminate()
+
+    # -- state ------------------------------------------------------------------
+
+    def pool_stats(self) -> tuple[int, int]:
+        """(connections open, connections in use)."""
+        pool = self._pool
+        if pool is None:
+            return 0, 0
+        size = pool.get_size()
+        return size, size - pool.get_idle_size()
+
+    # -- statements -------------------------------------------------------------
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        pool = self._pool
+        if pool is None:
+            self._on_error("unavailable")
+            raise DatabaseUnavailable(self.last_error or "not connected yet")
+        cfg = self._config
+        if self._in_flight >= cfg.pool_max_size + cfg.max_waiting:
+            self._on_error("busy")
+            raise DatabaseBusy(f"{self._in_flight} requests already use or wait for the database")
+        self._in_flight += 1
+        try:
+            try:
+                async with asyncio.timeout(cfg.pool_acquire_timeout):
+                    conn = await pool.acquire()
+            except TimeoutError:
+                self._on_error("busy")
+                raise DatabaseBusy(
+                    f"no connection free within {cfg.pool_acquire_timeout:g}s"
+                ) from None
+            try:
+                return await conn.fetchval(sql, *args)
+            finally:
+                await pool.release(conn)
+        except (DatabaseBusy, asyncio.CancelledError):
+            raise
+        except TimeoutError as exc:
+            self._on_error("timeout")
+            raise DatabaseUnavailable(
+                f"statement took over {cfg.db_command_timeout:g}s"
+            ) from exc
+        except CONNECTION_ERRORS as exc:
+            self._on_error("connection")
+            self.last_error = describe(exc)
+            self._expire_connections(pool)
+            raise DatabaseUnavailable(self.last_error) from exc
+        finally:
+            self._in_flight -= 1
+
+    def _expire_connections(self, pool: asyncpg.Pool) -> None:
+        # One broken connection means the server went away: the others are broken too.
+        # Expiring them makes each reconnect on its next use instead of failing once more.
+        if self._expiring is None or self._expiring.done():
+            self._expiring = asyncio.create_task(pool.expire_connections(), name="db-expire")
+
+    async def set_var(self, key: str, value: str) -> bool:
+        """Create ``key``; False if it already exists."""
+        return bool(await self._fetchval(SQL_SET, key, value))
+
+    async def get_var(self, key: str) -> str | None:
+        value = await self._fetchval(SQL_GET, key)
+        return None if value is None else str(value)
+
+    async def edit_var(self, key: str, value: str) -> bool:
+        """Replace the value of ``key``; False if it does not exist."""
+        return bool(await self._fetchval(SQL_EDIT, key, value))
+
+    async def delete_var(self, key: str) -> bool:
+        """Delete ``key``; False if it did not exist."""
+        return bool(await self._fetchval(SQL_DELETE, key))
+
+    async def ping(self) -> None:
+        """Raise unless the database answers within the health timeout."""
+        try:
+            async with asyncio.timeout(self._config.health_timeout):
+                await self._fetchval(SQL_PING)
+        except TimeoutError:
+            raise DatabaseUnavailable(
+                f"no answer within {self._config.health_timeout:g}s"
+            ) from None
+

@@ -1,0 +1,134 @@
+"""Every client mistake: a 4xx with a message that names it, never a 500, nothing stored."""
+
+from __future__ import annotations
+
+import io
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.services.conftest import RunningService
+
+JSON_CT = {"Content-Type": "application/json"}
+
+# (method, path, raw body or None, expected status, words the message must contain)
+CASES: list[tuple[str, str, bytes | None, int, str]] = [
+    ("POST", "/set_var", b'{"key": "a", "value": ', 400, "not valid JSON"),
+    ("POST", "/set_var", b"not json at all", 400, "not valid JSON"),
+    ("POST", "/set_var", b'["key", "value"]', 400, "must be a JSON object"),
+    ("POST", "/set_var", b'"key"', 400, "must be a JSON object"),
+    ("POST", "/set_var", b"null", 400, "must be a JSON object"),
+    ("POST", "/set_var", b"42", 400, "must be a JSON object"),
+    ("POST", "/set_var", b'{"value": "v"}', 400, "missing key"),
+    ("POST", "/set_var", b'{"key": "k"}', 400, "missing value"),
+    ("POST", "/set_var", b"", 400, "missing key"),
+    ("POST", "/set_var", b'{"key": 5, "value": "v"}', 400, "key must be a string, got a number"),
+    ("POST", "/set_var", b'{"key": null, "value": "v"}', 400, "key must be a string, got null"),
+    ("POST", "/set_var", b'{"key": ["k"], "value": "v"}', 400, "got an array"),
+    ("POST", "/set_var", b'{"key": "k", "value": 5}', 400, "value must be a string"),
+    ("POST", "/set_var", b'{"key": "k", "value": null}', 400, "value must be a string"),
+    ("POST", "/set_var", b'{"key": "k", "value": {"a": 1}}', 400, "got an object"),
+    ("POST", "/set_var", b'{"key": "k", "value": true}', 400, "got a boolean"),
+    ("POST", "/set_var", b'{"key": "", "value": "v"}', 400, "key must not be empty"),
+    ("POST", "/set_var", b'{"key": "a\\u0000b", "value": "v"}', 400, "key must not contain NUL"),
+    ("POST", "/set_var", b'{"key": "k", "value": "\\u0000"}', 400, "value must not contain NUL"),
+    ("POST", "/set_var", b'{"key": "\\ud800", "value": "v"}', 400, "lone surrogate"),
+    ("POST", "/set_var", b'{"key": "k", "value": "\\udfff"}', 400, "lone surrogate"),
+    ("POST", "/set_var", b'{"key": "\xff\xfe", "value": "v"}', 400, "not valid UTF-8"),
+    ("POST", "/set_var", b'{"key": "k", "value": "\xc3"}', 400, "not valid UTF-8"),
+    ("POST", "/set_var", b'{"key": "' + b"a" * 1025 + b'", "value": "v"}', 400,
+     "longer than 1024 bytes"),
+    ("POST", "/set_var", b'{"key": "' + "€".encode() * 342 + b'", "value": "v"}', 400,
+     "longer than 1024 bytes"),
+    ("POST", "/set_var", b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),
+    ("POST", "/set_var", b'{"key": NaN, "value": "v"}', 400, "key must be a string"),
+    ("POST", "/set_var?key=a&key=b", b'{"value": "v"}', 400, "more than once"),
+    ("POST", "/set_var?key=other", b'{"key": "k", "value": "v"}', 400, "different values"),
+    ("POST", "/set_var?key=%ff", b'{"value": "v"}', 400, "query string is not valid UTF-8"),
+    ("POST", "/set_var?key=%00", b'{"value": "v"}', 400, "NUL"),
+    ("PUT", "/edit_var", b'{"key": "k"}', 400, "missing value"),
+    ("PUT", "/edit_var", b"{", 400, "not valid JSON"),
+    ("GET", "/get_var", None, 400, "missing key"),
+    ("GET", "/get_var", b'{"key": 1}', 400, "key must be a string"),
+    ("GET", "/get_var?key=", None, 400, "key must not be empty"),
+    ("DELETE", "/delete_var", b"[]", 400, "must be a JSON object"),
+    ("DELETE", "/delete_var?key=%c3%28", None, 400, "not valid UTF-8"),
+    ("PATCH", "/edit_var", b'{"key": "k", "value": "v"}', 405, "not allowed"),
+    ("GET", "/delete_var?key=k", None, 405, "not allowed"),
+    ("POST", "/healthcheck", None, 405, "not allowed"),
+    ("POST", "/set_var", b'{"key": "k", "value": "' + b"x" * (1024 * 1024) + b'"}', 413,
+     "larger than 1048576 bytes"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "words"), CASES,
+    ids=[f"{m} {p[:30]} {(b or b'')[:24]!r}" for m, p, b, _, _ in CASES],
+)
+async def test_bad_request_is_named_and_nothing_is_stored(
+    service: RunningService,
+    http: aiohttp.ClientSession,
+    clean_db: asyncpg.Connection,
+    method: str,
+    path: str,
+    body: bytes | None,
+    status: int,
+    words: str,
+) -> None:
+    data = io.BytesIO(body) if body is not None and len(body) > 65536 else body
+    async with http.request(
+        method, f"{service.url}{path}", data=data, headers=JSON_CT if body is not None else None
+    ) as r:
+        text = await r.text()
+        assert r.status == status, text
+        assert words in text
+    assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+    async with http.get(f"{service.url}/healthcheck") as r:
+        assert r.status == 200
+
+
+async def test_chunked_body_over_the_limit_is_413(
+    service: RunningService, http: aiohttp.ClientSession, clean_db: asyncpg.Connection
+) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield b'{"key": "k", "value": "'
+        for _ in range(20):
+            yield b"y" * 65536
+        yield b'"}'
+
+    async with http.post(f"{service.url}/set_var", data=chunks(), headers=JSON_CT) as r:
+        assert r.status == 413
+    assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+
+
+async def test_form_content_type_with_json_body_still_parses(
+    service: RunningService, http: aiohttp.ClientSession
+) -> None:
+    # `curl -d '{"key": ...}'` sends application/x-www-form-urlencoded: be kind to it.
+    async with http.post(
+        f"{service.url}/set_var", data=b'{"key": "c", "value": "v"}',
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ) as r:
+        assert r.status == 201
+
+
+async def test_garbage_http_does_not_hurt_the_server(service: RunningService) -> None:
+    import asyncio
+
+    host, port = "127.0.0.1", service.server.port
+    for garbage in [b"\x00\xff\x13\x37\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n",
+                    b"GET /healthcheck HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+                    b"POST /set_var HTTP/1.1\r\nContent-Length: 10\r\n\r\n{"]:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(garbage)
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        await writer.wait_closed()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET /healthcheck HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    reply = await asyncio.wait_for(reader.read(), 10)
+    assert reply.startswith(b"HTTP/1.1 200")
+    writer.close()
+    await writer.wait_closed()

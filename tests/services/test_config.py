@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+
+from services.config import ENV_VARS, SETTINGS, Config, ConfigError, load_config
+
+
+def test_defaults_are_the_originals_contract() -> None:
+    config = load_config({})
+    assert (config.host, config.port) == ("0.0.0.0", 5000)
+    assert (config.pg_host, config.pg_port, config.pg_dbname, config.pg_user) == (
+        "database", 5432, "se_lab6", "postgres",
+    )
+    assert config.shutdown_timeout < 10, "must finish inside a container's stop grace"
+
+
+def test_defaults_table_matches_the_config() -> None:
+    defaults = {s.env: s.default for s in SETTINGS}
+    derived = load_config({})
+    for env, default in defaults.items():
+        if default.startswith("<"):
+            continue
+        assert load_config({env: default}) == derived, env
+
+
+def test_flags_override_the_environment() -> None:
+    config = load_config({"SERVICE_PORT": "5001", "SERVICE_HOST": "0.0.0.0"},
+                         ["--port", "5002", "--host", "127.0.0.1"])
+    assert (config.host, config.port) == ("127.0.0.1", 5002)
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    assert load_config({"PATH": "/bin", "LB_PORT": "nonsense"}) == Config()
+
+
+def test_served_by_defaults_to_host_and_bound_port() -> None:
+    assert load_config({}).served_by_for(5123).endswith(":5123")
+    assert load_config({"SERVICE_NAME": "replica-2"}).served_by_for(5123) == "replica-2"
+
+
+def test_password_is_redacted() -> None:
+    config = load_config({"PGSQL_PASSWORD": "s3cret"})
+    assert config.pg_password == "s3cret"
+    assert "s3cret" not in repr(config)
+    assert "s3cret" not in str(config.redacted())
+
+
+def test_every_variable_has_a_setting_row() -> None:
+    assert len(ENV_VARS) == len(set(ENV_VARS))
+    assert all(s.help for s in SETTINGS)
+
+
+def test_error_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="SERVICE_MAX_KEY_BYTES must be between 1 and 2000"):
+        load_config({"SERVICE_MAX_KEY_BYTES": "4000"})

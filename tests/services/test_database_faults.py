@@ -1,0 +1,187 @@
+"""The database going away: start before it exists, stop and restart under the running
+service, replicas applying the schema at the same moment, a full pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from services.db import Database
+from stack.pg import EmbeddedPostgres, StopMode
+from tests.services.conftest import RunningService, config_for, run_service
+
+JSON = {"Accept": "application/json"}
+
+
+async def wait_for_status(
+    http: aiohttp.ClientSession, url: str, status: int, *, timeout: float = 30
+) -> None:
+    # Polling is the only way to see a remote server's state change; bounded by timeout.
+    async with asyncio.timeout(timeout):
+        while True:
+            async with http.get(url) as r:
+                if r.status == status:
+                    return
+            await asyncio.sleep(0.05)
+
+
+async def test_starts_before_the_database_exists_and_heals_itself(
+    own_postgres: EmbeddedPostgres,
+) -> None:
+    async with run_service(config_for(own_postgres), wait_ready=False) as service, \
+            aiohttp.ClientSession() as http:
+        async with http.get(f"{service.url}/healthcheck") as r:
+            assert r.status == 503
+            assert r.headers["Retry-After"] == "1"
+            assert (await r.text()).startswith("database unavailable")
+        async with http.post(f"{service.url}/set_var", json={"key": "k", "value": "v"}) as r:
+            assert (r.status, await r.text()) == (503, "database unavailable")
+        async with http.get(f"{service.url}/get_var?key=k", headers=JSON) as r:
+            assert (r.status, await r.json()) == (503, {"error": "database unavailable"})
+
+        await asyncio.to_thread(own_postgres.start)
+        async with asyncio.timeout(30):
+            await service.database.ready.wait()
+        async with http.get(f"{service.url}/healthcheck") as r:
+            assert r.status == 200
+        async with http.post(f"{service.url}/set_var", json={"key": "k", "value": "v"}) as r:
+            assert r.status == 201
+
+
+@contextlib.asynccontextmanager
+async def service_on(pg: EmbeddedPostgres, **overrides: Any) -> AsyncIterator[RunningService]:
+    await asyncio.to_thread(pg.start)
+    async with run_service(config_for(pg, **overrides)) as service:
+        yield service
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+async def test_database_restart_gives_503_then_recovers_without_restart(
+    own_postgres: EmbeddedPostgres, mode: StopMode
+) -> None:
+    async with service_on(own_postgres, pool_min_size=4) as service, \
+            aiohttp.ClientSession() as http:
+        async with http.post(f"{service.url}/set_var", json={"key": "k", "value": "1"}) as r:
+            assert r.status == 201
+        await asyncio.to_thread(own_postgres.stop, mode)
+
+        for _ in range(3):
+            async with http.get(f"{service.url}/get_var?key=k") as r:
+                assert (r.status, await r.text()) == (503, "database unavailable")
+                assert r.headers["Retry-After"] == "1"
+        async with http.get(f"{service.url}/healthcheck") as r:
+            assert r.status == 503
+
+        await asyncio.to_thread(own_postgres.start)
+        await wait_for_status(http, f"{service.url}/healthcheck", 200)
+        # Every pooled connection was broken by the restart; none may fail a request now.
+        for i in range(20):
+            async with http.get(f"{service.url}/get_var?key=k") as r:
+                assert (r.status, await r.text()) == (200, "1"), i
+        async with http.get(f"{service.url}/metrics") as r:
+            assert 'varstack_db_errors_total{kind="connection"}' in await r.text()
+
+
+async def test_database_killed_mid_request_is_503_not_500(
+    own_postgres: EmbeddedPostgres,
+) -> None:
+    async with service_on(own_postgres) as service, aiohttp.ClientSession() as http:
+        locker = await asyncpg.connect(own_postgres.dsn)
+        await locker.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+        await locker.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+        request = asyncio.ensure_future(
+            http.put(f"{service.url}/edit_var", json={"key": "k", "value": "w"})
+        )
+        await wait_for_lock_waiter(locker)
+        await asyncio.to_thread(own_postgres.kill)
+        response = await request
+        assert response.status == 503
+        assert await response.text() == "database unavailable"
+        response.release()
+        locker.terminate()
+
+
+async def wait_for_lock_waiter(conn: asyncpg.Connection) -> None:
+    async with asyncio.timeout(10):
+        while not await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        ):
+            await asyncio.sleep(0.02)
+
+
+async def test_replicas_starting_together_apply_the_schema_once(
+    own_postgres: EmbeddedPostgres,
+) -> None:
+    await asyncio.to_thread(own_postgres.start)
+    databases = [Database(config_for(own_postgres)) for _ in range(8)]
+    try:
+        for database in databases:
+            database.start()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(d.ready.wait() for d in databases))
+        assert all(d.last_error == "" for d in databases)
+    finally:
+        await asyncio.gather(*(d.close() for d in databases))
+    conn = await asyncpg.connect(own_postgres.dsn)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('public.variables')::text") == "variables"
+    finally:
+        await conn.close()
+
+
+async def test_full_pool_answers_503_at_once_with_retry_after(
+    postgres: Any, clean_db: asyncpg.Connection
+) -> None:
+    await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+    config = config_for(postgres, pool_min_size=1, pool_max_size=1, max_waiting=0)
+    async with run_service(config) as service, aiohttp.ClientSession() as http:
+        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+        slow = asyncio.ensure_future(http.get(f"{service.url}/get_var?key=k"))
+        await wait_for_lock_waiter(clean_db)
+        async with http.get(f"{service.url}/get_var?key=k") as r:
+            assert (r.status, await r.text()) == (503, "database busy, retry later")
+            assert r.headers["Retry-After"] == "1"
+        await clean_db.execute("ROLLBACK")
+        response = await slow
+        assert (response.status, await response.text()) == (200, "v")
+        response.release()
+
+
+async def test_waiting_for_a_connection_is_bounded_by_the_acquire_timeout(
+    postgres: Any, clean_db: asyncpg.Connection
+) -> None:
+    await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+    config = config_for(
+        postgres, pool_min_size=1, pool_max_size=1, max_waiting=10, pool_acquire_timeout=0.2
+    )
+    async with run_service(config) as service, aiohttp.ClientSession() as http:
+        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+        slow = asyncio.ensure_future(http.get(f"{service.url}/get_var?key=k"))
+        await wait_for_lock_waiter(clean_db)
+        async with http.get(f"{service.url}/get_var?key=k") as r:
+            assert r.status == 503
+        await clean_db.execute("ROLLBACK")
+        response = await slow
+        assert response.status == 200
+        response.release()
+
+
+async def test_a_statement_over_the_command_timeout_is_503(
+    postgres: Any, clean_db: asyncpg.Connection
+) -> None:
+    await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+    config = config_for(postgres, db_command_timeout=0.3)
+    async with run_service(config) as service, aiohttp.ClientSession() as http:
+        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+        async with http.put(f"{service.url}/edit_var", json={"key": "k", "value": "w"}) as r:
+            assert (r.status, await r.text()) == (503, "database unavailable")
+        await clean_db.execute("ROLLBACK")
+        # The cancelled statement left its connection usable and the row untouched.
+        async with http.get(f"{service.url}/get_var?key=k") as r:
+            assert (r.status, await r.text()) == (200, "v")
