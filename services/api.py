@@ -263,6 +263,11 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
         response = answer(request, 404, f"no such endpoint: {request.path}")
     except web.HTTPException as exc:
         response = answer(request, exc.status, exc.reason, headers=dict(exc.headers))
+    except Exception:
+        # A bug or a database state we do not know (say, the table dropped): the client
+        # still gets an answer in its format, and the operator gets the traceback.
+        log.exception("%s %s failed", request.method, request.path)
+        response = answer(request, 500, "internal server error")
     route = request.match_info.route.resource
     request.app[METRICS].observe(
         request.method,

@@ -185,3 +185,19 @@ async def test_a_statement_over_the_command_timeout_is_503(
         # The cancelled statement left its connection usable and the row untouched.
         async with http.get(f"{service.url}/get_var?key=k") as r:
             assert (r.status, await r.text()) == (200, "v")
+
+
+async def test_unexpected_database_state_is_a_logged_500_in_the_clients_format(
+    own_postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with service_on(own_postgres) as service, aiohttp.ClientSession() as http:
+        conn = await asyncpg.connect(own_postgres.dsn)
+        await conn.execute("DROP TABLE public.variables")
+        await conn.close()
+        async with http.get(f"{service.url}/get_var?key=k", headers=JSON) as r:
+            assert (r.status, await r.json()) == (500, {"error": "internal server error"})
+            assert r.headers["X-Served-By"] == "test-replica:1"
+        async with http.get(f"{service.url}/metrics") as r:
+            assert 'route="/get_var",status="500"} 1.0' in await r.text()
+    assert "GET /get_var failed" in caplog.text
+    assert "UndefinedTableError" in caplog.text
