@@ -1,0 +1,128 @@
+"""``python -m lb`` / ``varstack-lb``: run the balancer until SIGTERM or SIGINT.
+
+The first signal starts the drain (stop listening, let connections finish until
+``LB_DRAIN_TIMEOUT``); a second one closes what is left at once.  The handlers only set flags; the
+shutdown itself is :meth:`lb.server.Server.shutdown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lb.config import Config, ConfigError
+from lb.server import Server
+
+log = logging.getLogger("lb")
+
+#: Descriptors kept for everything that is not a proxied connection (listeners, checks, logs).
+_FD_RESERVE = 64
+#: At most one log line per this many seconds about accept() running out of descriptors.
+_ACCEPT_ERROR_LOG_INTERVAL = 10.0
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("LB_LOOP: uvloop is not installed") from None
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def raise_fd_limit(config: Config) -> None:
+    """Like HAProxy: take the hard descriptor limit, and say when the cap cannot fit in it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    needed = 2 * config.max_connections + config.backlog + _FD_RESERVE
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        log.warning(
+            "LB_MAX_CONNECTIONS=%d needs about %d descriptors but the limit is %d: "
+            "accept() may fail with EMFILE under load (the server survives it)",
+            config.max_connections, needed, soft,
+        )
+
+
+class _AcceptErrorFilter:
+    """The default loop reports every failed accept(); say it once per interval instead."""
+
+    def __init__(self) -> None:
+        self.last = -_ACCEPT_ERROR_LOG_INTERVAL
+        self.suppressed = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == "socket.accept() out of system resource":
+            now = loop.time()
+            if now - self.last < _ACCEPT_ERROR_LOG_INTERVAL:
+                self.suppressed += 1
+                return
+            log.error("accept() failed: %s (%d more since the last report); retrying",
+                      context.get("exception"), self.suppressed)
+            self.last = now
+            self.suppressed = 0
+            return
+        loop.default_exception_handler(context)
+
+
+async def run(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_AcceptErrorFilter())
+    server = Server(config)
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("%s again: closing every connection now", signal.Signals(signum).name)
+            server.force_stop()
+        else:
+            log.info("%s: draining", signal.Signals(signum).name)
+            stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await server.serve(stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = Config.from_env(argv=sys.argv[1:] if argv is None else argv)
+        factory = loop_factory(config.loop)
+    except ConfigError as exc:
+        print(f"varstack-lb: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level_number,
+        stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    raise_fd_limit(config)
+    loop_name = "uvloop" if factory.__module__.startswith("uvloop") else "asyncio"
+    log.info("varstack-lb starting on the %s loop: %s", loop_name, config)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        try:
+            runner.run(run(config))
+        except OSError as exc:
+            log.error("cannot serve on %s:%d: %s", config.host, config.port, exc)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

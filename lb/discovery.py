@@ -1,0 +1,104 @@
+"""Where the backends come from: an explicit list, or every address of a DNS name, re-resolved.
+
+With a DNS name (the compose service ``backend``), each address it resolves to is a replica, so
+``docker compose up --scale backend=N``, ``docker stack deploy`` and replicas that come back with
+new addresses are followed without restarting the balancer.  A failed resolution keeps the last
+known set (the replicas are probably still there; the health checks will say if they are not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+
+from lb.backends import BackendPool
+
+log = logging.getLogger("lb.discovery")
+
+#: ``resolver(name, port)`` returns the ``(address, port)`` pairs of the replicas.
+Resolver = Callable[[str, int], Awaitable[Sequence[tuple[str, int]]]]
+
+
+async def resolve_all(name: str, port: int) -> list[tuple[str, int]]:
+    """Every TCP address of ``name`` through the system resolver, sorted so the order is stable."""
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    found = {(str(info[4][0]), int(info[4][1])) for info in infos}
+    return sorted(found, key=lambda a: (":" in a[0], a))
+
+
+class DnsDiscovery:
+    """Owns one task that re-resolves ``name`` every ``interval`` seconds into ``pool``."""
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        name: str,
+        port: int,
+        *,
+        interval: float = 5.0,
+        expected: int = 1,
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.pool = pool
+        self.name = name
+        self.port = port
+        self.interval = interval
+        self.expected = expected
+        self.resolver: Resolver = resolver or resolve_all
+        self.resolved = asyncio.Event()
+        self._last_count: int | None = None
+        self._last_error: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="lb-dns")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def refresh(self) -> None:
+        """Resolve once and apply the answer; errors are logged once per change."""
+        try:
+            addresses = list(await self.resolver(self.name, self.port))
+        except OSError as exc:
+            error = str(exc)
+            if error != self._last_error:
+                log.warning("cannot resolve %s: %s; keeping %d known backends",
+                            self.name, error, len(self.pool))
+            self._last_error = error
+            return
+        self._last_error = None
+        if not addresses:
+            log.warning("%s resolved to no address; keeping %d known backends",
+                        self.name, len(self.pool))
+            return
+        added, removed = self.pool.update(addresses)
+        for backend in added:
+            log.info("backend %s added (from %s)", backend.address, self.name)
+        for backend in removed:
+            log.info("backend %s removed (no longer in %s)", backend.address, self.name)
+        count = len(self.pool)
+        if count != self._last_count:
+            if count != self.expected:
+                log.warning("%s resolves to %d backends, SERVER_COUNT expects %d",
+                            self.name, count, self.expected)
+            self._last_count = count
+        self.resolved.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not end discovery for good
+                log.exception("resolving %s failed", self.name)
+            await asyncio.sleep(self.interval)

@@ -1,0 +1,110 @@
+"""Active health checks: every ``interval``, each backend is probed; ``rise``/``fall`` do the rest.
+
+An HTTP check sends ``GET <path>`` and passes on status 200 only (the service answers 503 while it
+drains or its database is down); a TCP check passes when the connect succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Literal
+
+from lb.backends import Backend, BackendPool, describe_error
+
+log = logging.getLogger("lb.health")
+
+#: The most of a check's answer that is read (the status line is all that matters).
+_MAX_ANSWER = 65536
+
+
+class HealthChecker:
+    """Owns one task that checks every backend of ``pool`` each ``interval`` seconds."""
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        *,
+        mode: Literal["http", "tcp"] = "http",
+        path: str = "/healthcheck",
+        interval: float = 2.0,
+        timeout: float = 1.0,
+    ) -> None:
+        self.pool = pool
+        self.mode = mode
+        self.path = path
+        self.interval = interval
+        self.timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="lb-health")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def check_all(self) -> None:
+        """One round: every backend checked concurrently, results applied."""
+        backends = list(self.pool.backends)
+        results = await asyncio.gather(*(self.check(b) for b in backends))
+        for backend, (passed, detail) in zip(backends, results, strict=True):
+            if passed:
+                self.pool.check_passed(backend, detail)
+            else:
+                self.pool.check_failed(backend, detail)
+
+    async def check(self, backend: Backend) -> tuple[bool, str]:
+        """Probe one backend: (passed, what was seen)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                if self.mode == "tcp":
+                    return await self._check_tcp(backend)
+                return await self._check_http(backend)
+        except TimeoutError:
+            return False, "timeout"
+        except OSError as exc:
+            return False, describe_error(exc)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self.check_all()
+            except Exception:  # a bug here must not end the checks for good
+                log.exception("health check round failed")
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
+
+    async def _check_tcp(self, backend: Backend) -> tuple[bool, str]:
+        _, writer = await asyncio.open_connection(backend.host, backend.port)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True, "connect ok"
+
+    async def _check_http(self, backend: Backend) -> tuple[bool, str]:
+        reader, writer = await asyncio.open_connection(backend.host, backend.port)
+        try:
+            writer.write(
+                f"GET {self.path} HTTP/1.1\r\nHost: {backend.address}\r\n"
+                "User-Agent: varstack-lb-check\r\nConnection: close\r\n\r\n".encode("ascii")
+            )
+            status_line = await reader.readline()
+            # Read the rest so the backend closes first (its side keeps the TIME_WAIT).
+            with contextlib.suppress(OSError, asyncio.LimitOverrunError):
+                await reader.read(_MAX_ANSWER)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        parts = status_line.decode("latin-1").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+            return False, "not HTTP" if status_line else "closed without an answer"
+        status = parts[1]
+        return status == "200", f"HTTP {status}"

@@ -1,0 +1,479 @@
+"""One proxied connection: connect with failover, both directions, half-close, timeouts, close once.
+
+The pipe works at the transport/protocol level: bytes a side delivers in ``data_received`` go
+straight to the other side's ``transport.write``; when a side's write buffer passes its high-water
+mark, its ``pause_writing`` pauses reading on the other side (backpressure both ways, memory bounded
+by the buffer limits).  No task lives per connection once it is piped: the only task is the connect
+step, and the timeouts are one timer handle.
+
+This module is the hot path: it imports the backend state and nothing from health, discovery or
+admin code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Final, cast
+
+from lb.backends import Backend, BackendPool, describe_error
+
+log = logging.getLogger("lb.pipe")
+
+#: Errors that mean "this process is out of something", not "that backend is bad".
+_LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: SO_LINGER on, zero seconds: close() sends RST, so a reset is carried across as a reset.
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+#: The idle timer ticks this many times per timeout: a connection is closed after between
+#: 1 and 1 + 1/_TICKS timeouts of silence, for one timer reschedule per tick, not per chunk.
+_TICKS: Final = 4
+
+
+class Relay:
+    """What every pipe of one server shares: the backends, the limits, and the server's hooks."""
+
+    __slots__ = (
+        "buffer_size",
+        "connect_retries",
+        "connect_timeout",
+        "debug",
+        "half_close_timeout",
+        "idle_timeout",
+        "loop",
+        "on_admit",
+        "on_finish",
+        "pool",
+    )
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        on_admit: Callable[[Pipe], bool],
+        on_finish: Callable[[Pipe], None],
+        connect_timeout: float = 3.0,
+        connect_retries: int = 3,
+        idle_timeout: float = 300.0,
+        half_close_timeout: float = 30.0,
+        buffer_size: int = 262144,
+    ) -> None:
+        self.pool = pool
+        self.loop = loop
+        #: Called when a client is accepted; False means "over the cap, wait for start()".
+        self.on_admit = on_admit
+        #: Called once when both sockets are closed and the connect step is over.
+        self.on_finish = on_finish
+        self.connect_timeout = connect_timeout
+        self.connect_retries = connect_retries
+        self.idle_timeout = idle_timeout
+        self.half_close_timeout = half_close_timeout
+        self.buffer_size = buffer_size
+        self.debug = log.isEnabledFor(logging.DEBUG)
+
+
+class Pipe(asyncio.Protocol):
+    """The client side of one proxied connection, and the state of the whole connection."""
+
+    __slots__ = (
+        "_active",
+        "_client_full",
+        "_closing",
+        "_connector",
+        "_done",
+        "_idle_ticks",
+        "_pending",
+        "_timer",
+        "_upstream_full",
+        "backend",
+        "bytes_to_backend",
+        "bytes_to_client",
+        "client",
+        "client_eof",
+        "client_open",
+        "end",
+        "peer",
+        "relay",
+        "started",
+        "upstream",
+        "upstream_eof",
+        "upstream_open",
+    )
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.client: asyncio.Transport | None = None
+        self.upstream: asyncio.Transport | None = None
+        self.backend: Backend | None = None
+        self.peer = "?"
+        self.started = 0.0
+        self.bytes_to_backend = 0
+        self.bytes_to_client = 0
+        self.client_eof = False
+        self.upstream_eof = False
+        self.client_open = False
+        self.upstream_open = False
+        #: Why the connection ended, for the log line (set once, by whoever ends it first).
+        self.end = ""
+        # Client bytes that arrive before the backend is connected (uvloop can deliver data
+        # even after pause_reading() in connection_made).
+        self._pending: list[bytes] | None = []
+        self._connector: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._active = False
+        self._idle_ticks = 0
+        self._client_full = False
+        self._upstream_full = False
+        self._closing = False
+        self._done = False
+
+    # --- the client side (asyncio.Protocol) ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport
+        self.client = transport
+        self.client_open = True
+        # Read from the client only once the backend exists: until then, its bytes have nowhere
+        # to go and the kernel's buffer is the right place for them.
+        transport.pause_reading()
+        transport.set_write_buffer_limits(high=self.relay.buffer_size)
+        self.started = self.relay.loop.time()
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if self.relay.on_admit(self):
+            self.start()
+
+    def data_received(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is None:
+            if self._pending is not None:
+                self._pending.append(data)
+            return
+        self.bytes_to_backend += len(data)
+        self._active = True
+        try:
+            upstream.write(data)
+        except RuntimeError:  # uvloop: the handle closed before connection_lost arrived
+            self._abort("backend reset", reset=True)
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        upstream = self.upstream
+        if upstream is not None:
+            self._half_closed(upstream, self.upstream_eof)
+        # Keep the transport open: the other direction may still be flowing.
+        return True
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the backend writes: stop reading the backend.
+        self._client_full = True
+        if not (self.upstream_eof or self._closing) and self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._client_full = False
+        if not (self.upstream_eof or self._closing) and self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client_open = False
+        if not self._closing:
+            if self.upstream is None:
+                self._abort("client left before a backend was connected", reset=False)
+            elif exc is not None:
+                self._abort("client reset", reset=True)
+            else:
+                self._close("client closed")
+        self._maybe_done()
+
+    # --- the connect step ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to a backend and start piping (the server calls this once a slot is free)."""
+        if self._closing:
+            self._maybe_done()
+            return
+        self._connector = self.relay.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        relay = self.relay
+        pool = relay.pool
+        tried: list[Backend] = []
+        timeouts_left = relay.connect_retries
+        try:
+            while not self._closing:
+                backend = pool.choose(tried)
+                if backend is None:
+                    break
+                tried.append(backend)
+                try:
+                    async with asyncio.timeout(relay.connect_timeout):
+                        transport, upstream = await relay.loop.create_connection(
+                            _Upstream, backend.host, backend.port
+                        )
+                except TimeoutError:
+                    pool.connect_failed(backend, "timeout")
+                    if timeouts_left == 0:
+                        break
+                    timeouts_left -= 1
+                    continue
+                except OSError as exc:
+                    if exc.errno in _LOCAL_ERRNOS:
+                        log.error("cannot connect to %s: %s", backend.address, exc)
+                        break
+                    pool.connect_failed(backend, describe_error(exc))
+                    continue
+                self._attached(backend, transport, upstream)
+                return
+            if not self._closing:
+                self._abort("no backend accepted" if tried else "no backends", reset=False)
+        except Exception:
+            log.exception("connect step failed for client %s", self.peer)
+            self._abort("internal error", reset=False)
+        finally:
+            self._connector = None
+            self._maybe_done()
+
+    def _attached(
+        self, backend: Backend, transport: asyncio.Transport, upstream: _Upstream
+    ) -> None:
+        """The backend is connected: count it, send what the client already sent, start reading."""
+        client = self.client
+        assert client is not None
+        self.backend = backend
+        self.upstream = transport
+        self.upstream_open = True
+        backend.active += 1
+        backend.total += 1
+        transport.set_write_buffer_limits(high=self.relay.buffer_size)
+        upstream.attach(self)
+        if self._closing:  # defensive: the client left in the same loop step
+            transport.abort()
+            return
+        if not self.upstream_open:  # the backend connected and went away at once
+            return
+        pending, self._pending = self._pending, None
+        if pending:
+            data = b"".join(pending)
+            self.bytes_to_backend += len(data)
+            transport.write(data)
+        if self.closing:  # the write failed and ended the connection
+            return
+        self._arm_timer()
+        if self.client_eof:
+            self._half_closed(transport, self.upstream_eof)
+        elif not self._upstream_full:
+            client.resume_reading()
+
+    # --- the backend side (called by _Upstream) -----------------------------------------------
+
+    def upstream_eof_received(self) -> None:
+        self.upstream_eof = True
+        client = self.client
+        assert client is not None
+        self._half_closed(client, self.client_eof)
+
+    def upstream_pause_writing(self) -> None:
+        # The backend reads slower than the client writes: stop reading the client.
+        self._upstream_full = True
+        if not (self.client_eof or self._closing) and self.client is not None:
+            self.client.pause_reading()
+
+    def upstream_resume_writing(self) -> None:
+        self._upstream_full = False
+        if not (self.client_eof or self._closing or self._pending) and self.client is not None:
+            self.client.resume_reading()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        self.upstream_open = False
+        backend = self.backend
+        if backend is not None:
+            backend.active -= 1
+        if not self._closing:
+            if exc is not None:
+                self._abort("backend reset", reset=True)
+            else:
+                self._close("backend closed")
+        self._maybe_done()
+
+    # --- endings ------------------------------------------------------------------------------
+
+    def _half_closed(self, towards: asyncio.Transport, other_direction_ended: bool) -> None:
+        """One direction ended: pass the EOF on; when both have, the connection is done."""
+        if other_direction_ended:
+            self._close("done")
+            return
+        try:
+            towards.write_eof()
+        except (RuntimeError, OSError):
+            self._abort("reset during half-close", reset=True)
+            return
+        self._arm_timer()
+
+    def _close(self, why: str) -> None:
+        """Close both sides once their buffered bytes are written."""
+        if self._closing:
+            return
+        self._closing = True
+        self.end = why
+        self._cancel_timer()
+        for transport in (self.client, self.upstream):
+            if transport is not None:
+                transport.close()
+        if self._connector is not None:
+            self._connector.cancel()
+
+    def _abort(self, why: str, *, reset: bool) -> None:
+        """Close both sides now, dropping buffered bytes; with ``reset``, peers get an RST."""
+        if self._closing:
+            return
+        self._closing = True
+        self.end = why
+        self._cancel_timer()
+        for transport in (self.client, self.upstream):
+            if transport is None:
+                continue
+            if reset:
+                _linger_reset(transport)
+            transport.abort()
+        if self._connector is not None:
+            self._connector.cancel()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def shutdown(self, why: str) -> None:
+        """The server is stopping and cannot wait any longer for this connection."""
+        self._abort(why, reset=False)
+
+    def _maybe_done(self) -> None:
+        if self._done or self.client_open or self.upstream_open or self._connector is not None:
+            return
+        self._done = True
+        self._pending = None
+        self._cancel_timer()
+        backend = self.backend
+        if backend is not None:
+            backend.bytes_to_backend += self.bytes_to_backend
+            backend.bytes_to_client += self.bytes_to_client
+        if self.relay.debug:
+            log.debug(
+                "client=%s backend=%s to_backend=%d to_client=%d duration=%.3fs end=%s",
+                self.peer,
+                backend.address if backend is not None else "-",
+                self.bytes_to_backend,
+                self.bytes_to_client,
+                self.relay.loop.time() - self.started,
+                self.end or "closed",
+            )
+        self.relay.on_finish(self)
+
+    # --- idle and half-close timeouts ---------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        self._idle_ticks = 0
+        self._active = False
+        self._timer = self.relay.loop.call_later(self._timeout() / _TICKS, self._tick)
+
+    def _timeout(self) -> float:
+        relay = self.relay
+        if self.client_eof or self.upstream_eof:
+            return min(relay.half_close_timeout, relay.idle_timeout)
+        return relay.idle_timeout
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        if self._active:
+            self._active = False
+            self._idle_ticks = 0
+        else:
+            self._idle_ticks += 1
+            if self._idle_ticks >= _TICKS:
+                half = self.client_eof or self.upstream_eof
+                self._abort("half-close timeout" if half else "idle timeout", reset=False)
+                return
+        self._timer = self.relay.loop.call_later(self._timeout() / _TICKS, self._tick)
+
+
+class _Upstream(asyncio.Protocol):
+    """The backend side of a pipe: forwards everything to its :class:`Pipe` once attached.
+
+    Until the connect step attaches it, what the backend does is only recorded: a backend that
+    speaks first may send bytes before ``create_connection`` returns.
+    """
+
+    __slots__ = ("_early", "_eof", "_lost", "_lost_exc", "_pipe")
+
+    def __init__(self) -> None:
+        self._pipe: Pipe | None = None
+        self._early: list[bytes] = []
+        self._eof = False
+        self._lost = False
+        self._lost_exc: Exception | None = None
+
+    def attach(self, pipe: Pipe) -> None:
+        self._pipe = pipe
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+        if self._eof:
+            pipe.upstream_eof_received()
+        if self._lost:
+            pipe.upstream_lost(self._lost_exc)
+
+    def data_received(self, data: bytes) -> None:
+        pipe = self._pipe
+        if pipe is None:
+            self._early.append(data)
+            return
+        pipe.bytes_to_client += len(data)
+        pipe._active = True
+        try:
+            pipe.client.write(data)  # type: ignore[union-attr]  # set before any attach
+        except RuntimeError:  # uvloop: the handle closed before connection_lost arrived
+            pipe._abort("client reset", reset=True)
+
+    def eof_received(self) -> bool:
+        if self._pipe is None:
+            self._eof = True
+        else:
+            self._pipe.upstream_eof_received()
+        return True
+
+    def pause_writing(self) -> None:
+        if self._pipe is not None:
+            self._pipe.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._pipe is not None:
+            self._pipe.upstream_resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._pipe is None:
+            self._lost = True
+            self._lost_exc = exc
+        else:
+            self._pipe.upstream_lost(exc)
+
+
+def _linger_reset(transport: asyncio.Transport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, ValueError):  # already closed: nothing left to reset
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)

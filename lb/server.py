@@ -1,0 +1,361 @@
+"""The balancer: accept, connection cap, tracking, drain and stop.
+
+One :class:`Server` is built from one :class:`~lb.config.Config` (uvicorn's shape).  It owns every
+long-lived part (the listening socket, discovery, health checks, the admin listener) and stops
+them in :meth:`Server.shutdown`, one ordered method: stop accepting, let open connections finish
+until the drain deadline, close the rest, stop the helpers.
+
+Accept path: ``loop.create_server`` with the protocol-level :class:`~lb.pipe.Pipe` as the protocol
+(the README gives the numbers that chose it over ``asyncio.start_server``).  The listening socket
+is created here and the loop is handed a ``dup()`` of it: closing the loop's server pauses
+accepting without closing the socket, so clients beyond the connection cap wait in the kernel
+backlog, and a new ``create_server`` on another ``dup()`` resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import deque
+from types import TracebackType
+from typing import Any
+
+from lb.backends import BackendPool
+from lb.config import Config
+from lb.discovery import DnsDiscovery, Resolver
+from lb.health import HealthChecker
+from lb.pipe import Pipe, Relay
+
+log = logging.getLogger("lb.server")
+
+
+class Server:
+    """The Layer-4 round-robin proxy and its helpers, for one :class:`Config`."""
+
+    def __init__(self, config: Config, *, resolver: Resolver | None = None) -> None:
+        self.config = config
+        self.pool = BackendPool(rise=config.check_rise, fall=config.check_fall)
+        #: Connections that hold a slot (connecting or piping), and those waiting for one.
+        self.pipes: set[Pipe] = set()
+        self.waiting: deque[Pipe] = deque()
+        self.accepted_total = 0
+        self.finished_total = 0
+        self.closed_bytes_to_backend = 0
+        self.closed_bytes_to_client = 0
+        self.health = HealthChecker(
+            self.pool,
+            mode=config.check_mode,
+            path=config.check_path,
+            interval=config.check_interval,
+            timeout=config.check_timeout,
+        )
+        self.discovery: DnsDiscovery | None = None
+        if not config.backends:
+            self.discovery = DnsDiscovery(
+                self.pool,
+                config.backend_host,
+                config.backend_port,
+                interval=config.resolve_interval,
+                expected=config.server_count,
+                resolver=resolver,
+            )
+        self.admin: Any = None  # lb.admin.Admin, imported lazily: the proxy runs without it
+        self._relay: Relay | None = None
+        self._sock: socket.socket | None = None
+        self._acceptor: asyncio.AbstractServer | None = None
+        self._acceptor_task: asyncio.Task[None] | None = None
+        self._accept_wanted = False
+        self._started = False
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._force = asyncio.Event()
+        self._idle = asyncio.Event()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind, find the backends, start the checks and the admin listener, accept."""
+        if self._started:
+            return
+        self._started = True
+        config = self.config
+        loop = asyncio.get_running_loop()
+        self._relay = Relay(
+            self.pool,
+            loop=loop,
+            on_admit=self._admit,
+            on_finish=self._finish,
+            connect_timeout=config.connect_timeout,
+            connect_retries=config.connect_retries,
+            idle_timeout=config.idle_timeout,
+            half_close_timeout=config.half_close_timeout,
+            buffer_size=config.buffer_size,
+        )
+        self._sock = _listen(config.host, config.port, config.backlog)
+        try:
+            if self.discovery is None:
+                self.pool.update(config.backends)
+                if len(self.pool) != config.server_count:
+                    log.warning("LB_BACKENDS lists %d backends, SERVER_COUNT expects %d",
+                                len(self.pool), config.server_count)
+            else:
+                # The first answer before the first client, but never wait for DNS for long.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(config.check_timeout + 1.0):
+                        await self.discovery.refresh()
+                self.discovery.start()
+            self.health.start()
+            if config.admin_port:
+                from lb.admin import Admin
+
+                self.admin = Admin(self)
+                await self.admin.start(config.admin_host, config.admin_port)
+            self._accept_wanted = True
+            self._acceptor = await self._serve()
+        except BaseException:
+            await self.shutdown()
+            raise
+        log.info(
+            "listening on %s:%d; backends %s; admin %s",
+            config.host,
+            self.port,
+            ", ".join(b.address for b in self.pool.backends) or "(none yet)",
+            f"http://{config.admin_host}:{self.admin.port}/" if self.admin else "off",
+        )
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (useful with ``LB_PORT=0``)."""
+        assert self._sock is not None, "start() first"
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def admin_port(self) -> int | None:
+        return None if self.admin is None else int(self.admin.port)
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Start, run until ``stop`` is set, then shut down (the ``python -m lb`` main)."""
+        await self.start()
+        await stop.wait()
+        await self.shutdown()
+
+    def force_stop(self) -> None:
+        """Give up on the drain: open connections are closed at once (a second signal)."""
+        self._force.set()
+
+    async def shutdown(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting, let connections finish until the deadline, close the rest, stop."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        deadline = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        try:
+            # 1. No new clients: the listening socket goes, so the kernel backlog is refused too.
+            self._accept_wanted = False
+            if self._acceptor_task is not None:
+                self._acceptor_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._acceptor_task
+            if self._acceptor is not None:
+                self._acceptor.close()
+                self._acceptor = None
+            if self._sock is not None:
+                self._sock.close()
+            # 2. Clients accepted beyond the cap never got a backend: nothing to finish.
+            while self.waiting:
+                self.waiting.popleft().shutdown("stopping before a slot was free")
+            # 3. The drain: open connections finish on their own until the deadline...
+            if self.pipes:
+                log.info("draining %d connections (up to %.1f s)", len(self.pipes), deadline)
+                self._idle.clear()
+                await self._wait_idle(deadline)
+            # 4. ...then the rest are closed.
+            if self.pipes:
+                log.warning("closing %d connections still open at the drain deadline",
+                            len(self.pipes))
+                for pipe in list(self.pipes):
+                    pipe.shutdown("drain deadline")
+                self._idle.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(2.0):
+                        await self._wait_idle(None)
+            # 5. The helpers.
+            await self.health.stop()
+            if self.discovery is not None:
+                await self.discovery.stop()
+            if self.admin is not None:
+                await self.admin.stop()
+        finally:
+            self._stopped.set()
+        log.info("stopped after %d connections", self.accepted_total)
+
+    async def _wait_idle(self, deadline: float | None) -> None:
+        if not self.pipes:
+            return
+        idle = asyncio.ensure_future(self._idle.wait())
+        force = asyncio.ensure_future(self._force.wait())
+        try:
+            await asyncio.wait({idle, force}, timeout=deadline,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
+            force.cancel()
+            await asyncio.gather(idle, force, return_exceptions=True)
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    # --- accepting and the cap ----------------------------------------------------------------
+
+    def _new_pipe(self) -> Pipe:
+        assert self._relay is not None
+        return Pipe(self._relay)
+
+    async def _serve(self) -> asyncio.AbstractServer:
+        assert self._sock is not None
+        return await asyncio.get_running_loop().create_server(
+            self._new_pipe, sock=self._sock.dup(), backlog=self.config.backlog
+        )
+
+    def _admit(self, pipe: Pipe) -> bool:
+        self.accepted_total += 1
+        if self._stopping:
+            self.waiting.append(pipe)
+            pipe.shutdown("stopping")
+            return False
+        if len(self.pipes) < self.config.max_connections and not self.waiting:
+            self.pipes.add(pipe)
+            if len(self.pipes) >= self.config.max_connections:
+                self._set_accepting(False)
+            return True
+        # Accepted in the same batch as the one that reached the cap: it waits for a slot.
+        self.waiting.append(pipe)
+        self._set_accepting(False)
+        return False
+
+    def _finish(self, pipe: Pipe) -> None:
+        self.finished_total += 1
+        self.closed_bytes_to_backend += pipe.bytes_to_backend
+        self.closed_bytes_to_client += pipe.bytes_to_client
+        if pipe in self.pipes:
+            self.pipes.remove(pipe)
+        else:
+            with contextlib.suppress(ValueError):
+                self.waiting.remove(pipe)
+        limit = self.config.max_connections
+        while self.waiting and len(self.pipes) < limit and not self._stopping:
+            waiting = self.waiting.popleft()
+            self.pipes.add(waiting)
+            waiting.start()
+        if not self.pipes:
+            self._idle.set()
+        if self._acceptor is None and not self._stopping and len(self.pipes) < limit:
+            self._set_accepting(True)
+
+    def _set_accepting(self, wanted: bool) -> None:
+        if self._stopping:
+            wanted = False
+        self._accept_wanted = wanted
+        if not wanted and self._acceptor is not None:
+            # At once: every further accept would only add to the waiting queue.
+            self._acceptor.close()
+            self._acceptor = None
+        elif wanted and self._acceptor is None and self._acceptor_task is None:
+            loop = asyncio.get_running_loop()
+            self._acceptor_task = loop.create_task(self._resume(), name="lb-accept-resume")
+
+    def _acceptor_missing(self) -> bool:
+        return self._accept_wanted and self._acceptor is None
+
+    async def _resume(self) -> None:
+        try:
+            while self._acceptor_missing():
+                acceptor = await self._serve()
+                if self._acceptor_missing():
+                    self._acceptor = acceptor
+                else:  # paused or stopped while create_server ran
+                    acceptor.close()
+        except OSError:
+            log.exception("cannot resume accepting; retrying in 1 s")
+            asyncio.get_running_loop().call_later(1.0, self._set_accepting, True)
+        finally:
+            self._acceptor_task = None
+
+    # --- numbers ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Per backend and in total: state, connections, failed connects, bytes, last check."""
+        live: dict[int, tuple[int, int]] = {}
+        live_up = live_down = 0
+        for pipe in self.pipes:
+            live_up += pipe.bytes_to_backend
+            live_down += pipe.bytes_to_client
+            if pipe.backend is not None:
+                up, down = live.get(id(pipe.backend), (0, 0))
+                live[id(pipe.backend)] = (up + pipe.bytes_to_backend, down + pipe.bytes_to_client)
+        backends = []
+        for b in self.pool.backends:
+            up, down = live.get(id(b), (0, 0))
+            backends.append({
+                "address": b.address,
+                "state": "up" if b.up else "down",
+                "active_connections": b.active,
+                "total_connections": b.total,
+                "failed_connects": b.failed_connects,
+                "bytes_to_backend": b.bytes_to_backend + up,
+                "bytes_to_client": b.bytes_to_client + down,
+                "last_check": b.last_check,
+                "last_change": b.last_change,
+            })
+        pool = self.pool
+        return {
+            "backends": backends,
+            "totals": {
+                "backends": len(pool),
+                "backends_up": pool.up_count,
+                "backends_expected": self.config.server_count,
+                "active_connections": len(self.pipes),
+                "waiting_connections": len(self.waiting),
+                "max_connections": self.config.max_connections,
+                "accepted_connections": self.accepted_total,
+                "finished_connections": self.finished_total,
+                "total_connections": pool.retired_total + sum(b.total for b in pool.backends),
+                "failed_connects": pool.retired_failed_connects
+                + sum(b.failed_connects for b in pool.backends),
+                "bytes_to_backend": self.closed_bytes_to_backend + live_up,
+                "bytes_to_client": self.closed_bytes_to_client + live_down,
+                "accepting": self._acceptor is not None,
+                "stopping": self._stopping,
+            },
+        }
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """The listening socket, made here so that pausing the loop's server never closes it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP, not 0: accepted sockets inherit it, and the default loop only sets
+    # TCP_NODELAY on sockets whose proto says TCP.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

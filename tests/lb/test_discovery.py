@@ -1,0 +1,108 @@
+"""Where backends come from: a DNS name re-resolved (injected resolver and the real one)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from lb.config import Config
+from lb.discovery import resolve_all
+from tests.lb.lbkit import (
+    EchoBackend,
+    HttpBackend,
+    close,
+    connect,
+    eventually,
+    exchange,
+    http_get,
+    lb_config,
+    running_lb,
+)
+
+
+class StubResolver:
+    """A DNS name whose answer the test changes; counts the lookups."""
+
+    def __init__(self, *answer: tuple[str, int]) -> None:
+        self.answer: list[tuple[str, int]] = list(answer)
+        self.lookups = 0
+        self.fail = False
+
+    async def __call__(self, name: str, port: int) -> Sequence[tuple[str, int]]:
+        assert name == "backend"
+        self.lookups += 1
+        if self.fail:
+            raise OSError(-2, "Name or service not known")
+        return list(self.answer)
+
+
+def dns_config(**overrides: Any) -> Config:
+    return lb_config(backend_host="backend", resolve_interval=0.05, **overrides)
+
+
+async def test_new_address_is_picked_up_and_old_one_dropped() -> None:
+    async with HttpBackend() as a, HttpBackend() as b:
+        resolver = StubResolver(a.address)
+        async with running_lb(dns_config(), resolver=resolver) as lb:
+            assert {(await http_get(lb.port))[1]["x-served-by"] for _ in range(3)} == {a.label}
+
+            # `docker compose up --scale backend=2`: a second address appears.
+            resolver.answer.append(b.address)
+            await eventually(lambda: len(lb.pool) == 2)
+            served = [(await http_get(lb.port))[1]["x-served-by"] for _ in range(4)]
+            assert sorted(served) == sorted([a.label, b.label] * 2)
+
+            # An open connection to a survives a's removal from DNS; new ones go to b.
+            reader, writer = await connect(lb.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            first_label = head.split(b"X-Served-By: ")[1].split(b"\r\n")[0].decode()
+            await reader.readexactly(len(first_label))
+            resolver.answer = [x for x in resolver.answer if f"{x[0]}:{x[1]}" != first_label]
+            await eventually(lambda: len(lb.pool) == 1)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert first_label.encode() in head
+            await close(writer)
+            others = {(await http_get(lb.port))[1]["x-served-by"] for _ in range(3)}
+            assert others == {a.label, b.label} - {first_label}
+
+
+async def test_failed_resolution_keeps_the_last_known_backends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with EchoBackend() as echo:
+        resolver = StubResolver(echo.address)
+        async with running_lb(dns_config(), resolver=resolver) as lb:
+            resolver.fail = True
+            seen = resolver.lookups
+            await eventually(lambda: resolver.lookups >= seen + 3)
+            assert [b.address for b in lb.pool.backends] == [echo.label]
+            assert await exchange(lb.port, b"still here") == b"still here"
+    assert "cannot resolve backend" in caplog.text
+    assert caplog.text.count("cannot resolve backend") == 1  # said once, not every interval
+
+
+async def test_server_count_mismatch_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="lb.discovery")
+    async with EchoBackend() as echo:
+        resolver = StubResolver(echo.address)
+        config = dns_config(server_count=3)
+        async with running_lb(config, resolver=resolver):
+            pass
+    assert "backend resolves to 1 backends, SERVER_COUNT expects 3" in caplog.text
+
+
+async def test_real_resolver_follows_a_name() -> None:
+    """``localhost`` through getaddrinfo: the path a compose service name takes."""
+    assert ("127.0.0.1", 80) in await resolve_all("localhost", 80)
+    async with EchoBackend() as echo:
+        config = lb_config(backend_host="localhost", backend_port=echo.port)
+        async with running_lb(config) as lb:
+            assert ("127.0.0.1", echo.port) in [(b.host, b.port) for b in lb.pool.backends]
+            # ::1 may be listed too and refuse (the echo listens on 127.0.0.1): failover covers it.
+            for _ in range(3):
+                assert await exchange(lb.port, b"via dns") == b"via dns"

@@ -1,0 +1,123 @@
+"""Drain and stop, with the real process and real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import signal
+
+import pytest
+
+from tests.lb.lbkit import (
+    EchoBackend,
+    FuncBackend,
+    LbProcess,
+    close,
+    connect,
+    exchange,
+    loop_name,
+    pattern,
+    read_to_end,
+)
+
+CHUNKS = pattern(64 * 65536)
+
+
+def lb_env(*ports: int, **extra: str) -> dict[str, str]:
+    env = {
+        "LB_HOST": "127.0.0.1",
+        "LB_PORT": "0",
+        "LB_BACKENDS": ",".join(f"127.0.0.1:{p}" for p in ports),
+        "SERVER_COUNT": str(len(ports)),
+        "LB_ADMIN_PORT": "0",
+        "LB_CHECK_MODE": "tcp",
+        "LB_CHECK_INTERVAL": "0.2",
+        "LB_LOOP": loop_name(),
+    }
+    env.update(extra)
+    return env
+
+
+async def paced_download(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A download that takes a while: 64 chunks of 64 KiB, 15 ms apart."""
+    for chunk in CHUNKS:
+        writer.write(chunk)
+        await writer.drain()
+        await asyncio.sleep(0.015)
+    writer.write_eof()
+    await reader.read()
+
+
+async def refused(port: int) -> bool:
+    try:
+        _, writer = await connect(port)
+    except ConnectionRefusedError:
+        return True
+    await close(writer)
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_signal_drains_a_transfer_in_flight(signum: signal.Signals) -> None:
+    async with FuncBackend(paced_download) as backend, LbProcess(
+        lb_env(backend.port, LB_DRAIN_TIMEOUT="8")
+    ) as lb:
+            reader, writer = await connect(lb.port)
+            first = await reader.readexactly(65536)
+            lb.signal(signum)
+            # Listening stops at once...
+            async with asyncio.timeout(5):
+                while not await refused(lb.port):
+                    await asyncio.sleep(0.02)
+            # ...while the transfer in flight finishes, byte-exact.
+            rest = await asyncio.wait_for(read_to_end(reader), 10)
+            await close(writer)
+            expected = hashlib.sha256(b"".join(CHUNKS)).digest()
+            assert hashlib.sha256(first + rest).digest() == expected
+            assert await lb.wait() == 0
+    out = lb.output()
+    assert re.search(r"draining \d+ connections", out)  # ours, and maybe a probe's
+    assert "still open at the drain deadline" not in out
+
+
+async def test_drain_deadline_closes_what_is_left() -> None:
+    async with EchoBackend() as echo, LbProcess(
+        lb_env(echo.port, LB_DRAIN_TIMEOUT="0.5")
+    ) as lb:
+            reader, writer = await connect(lb.port)
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            lb.signal(signal.SIGTERM)
+            # The idle keep-alive connection never ends on its own: the deadline ends it.
+            assert await asyncio.wait_for(read_to_end(reader), 10) == b""
+            await close(writer)
+            assert await lb.wait() == 0
+    assert "closing 1 connections still open at the drain deadline" in lb.output()
+
+
+async def test_second_signal_exits_at_once() -> None:
+    async with EchoBackend() as echo, LbProcess(lb_env(echo.port, LB_DRAIN_TIMEOUT="9")) as lb:
+        reader, writer = await connect(lb.port)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        lb.signal(signal.SIGTERM)
+        async with asyncio.timeout(5):
+            while "draining 1 connections" not in lb.output():
+                await asyncio.sleep(0.02)
+        lb.signal(signal.SIGTERM)
+        # Far sooner than the 9 s drain: the second signal closed the connection.
+        assert await asyncio.wait_for(read_to_end(reader), 4) == b""
+        assert await lb.wait(timeout=4) == 0
+        await close(writer)
+    assert "again: closing every connection now" in lb.output()
+
+
+async def test_idle_balancer_stops_at_once_and_serves_until_then() -> None:
+    async with EchoBackend() as echo, LbProcess(lb_env(echo.port)) as lb:
+        assert await exchange(lb.port, b"hello") == b"hello"
+        lb.signal(signal.SIGTERM)
+        assert await lb.wait(timeout=5) == 0
+        with contextlib.suppress(ConnectionRefusedError):
+            assert await refused(lb.port)

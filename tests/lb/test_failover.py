@@ -1,0 +1,187 @@
+"""Failover and health: refused and hanging connects, killed backends, checks, panic mode."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.lb.lbkit import (
+    Blackhole,
+    EchoBackend,
+    FuncBackend,
+    HttpBackend,
+    close,
+    connect,
+    eventually,
+    exchange,
+    free_port,
+    http_get,
+    lb_config,
+    read_to_end,
+    running_lb,
+)
+
+
+def backend_state(lb: object, address: str) -> str:
+    for b in lb.stats()["backends"]:  # type: ignore[attr-defined]
+        if b["address"] == address:
+            return str(b["state"])
+    raise KeyError(address)
+
+
+async def test_killed_backend_is_skipped_then_used_again_once_it_passes_checks() -> None:
+    async with HttpBackend() as a, HttpBackend() as b, HttpBackend() as c:
+        config = lb_config(a.address, b.address, c.address, check_mode="http",
+                           check_interval=0.05, check_rise=2, check_fall=2)
+        async with running_lb(config) as lb:
+            served = {(await http_get(lb.port))[1]["x-served-by"] for _ in range(6)}
+            assert served == {a.label, b.label, c.label}
+
+            # An open (keep-alive) connection to b, then b dies.
+            reader, writer = await connect(lb.port)
+            sent_to = ""
+            while sent_to != b.label:
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                sent_to = head.split(b"X-Served-By: ")[1].split(b"\r\n")[0].decode()
+                await reader.readexactly(len(sent_to))
+                if sent_to != b.label:
+                    await close(writer)
+                    reader, writer = await connect(lb.port)
+            await b.stop()
+            # The connection to the dead backend is closed, not left hanging.
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                    await reader.readuntil(b"\r\n\r\n")
+            await close(writer)
+
+            # Every new client is served, none by b (a refused connect moves on at once).
+            for _ in range(12):
+                status, headers, _ = await http_get(lb.port)
+                assert status == 200
+                assert headers["x-served-by"] != b.label
+            assert backend_state(lb, b.label) == "down"
+
+            # b comes back on its port; after `rise` passed checks it gets its share again.
+            await b.start()
+            await eventually(lambda: backend_state(lb, b.label) == "up")
+            again = [(await http_get(lb.port))[1]["x-served-by"] for _ in range(6)]
+            assert again.count(b.label) == 2
+
+
+async def test_blackholed_backend_connect_times_out_then_next_backend() -> None:
+    async with Blackhole() as hole, EchoBackend() as echo:
+        config = lb_config(hole.address, echo.address, connect_timeout=0.3, check_interval=60)
+        async with running_lb(config) as lb:
+            # The first client is sent to the blackhole first, waits one connect timeout,
+            # and is then served by the next backend: it never sees the failure.
+            assert await exchange(lb.port, b"first") == b"first"
+            hole_stats = lb.stats()["backends"][0]
+            assert hole_stats["failed_connects"] == 1
+            assert hole_stats["state"] == "down"
+            # The blackhole is now down: later clients do not wait for it.
+            for i in range(5):
+                assert await exchange(lb.port, b"next %d" % i) == b"next %d" % i
+            assert lb.stats()["backends"][0]["failed_connects"] == 1
+
+
+async def test_client_bytes_sent_during_failover_arrive_once() -> None:
+    async with Blackhole() as hole, EchoBackend() as echo:
+        config = lb_config(hole.address, echo.address, connect_timeout=0.3, check_interval=60)
+        async with running_lb(config) as lb:
+            reader, writer = await connect(lb.port)
+            writer.write(b"sent before any backend answered")
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 5) == b"sent before any backend answered"
+            await close(writer)
+
+
+async def test_connect_timeouts_are_bounded_by_retries() -> None:
+    async with Blackhole() as hole1, Blackhole() as hole2, EchoBackend() as echo:
+        backends = (hole1.address, hole2.address, echo.address)
+        # One timeout allowed: hole1 times out, hole2 times out, the client is closed.
+        config = lb_config(*backends, connect_timeout=0.2, connect_retries=1, check_interval=60)
+        async with running_lb(config) as lb:
+            assert await exchange(lb.port, b"lost") == b""
+            assert lb.stats()["totals"]["failed_connects"] == 2
+        # Two allowed: the third backend is reached.
+        config = lb_config(*backends, connect_timeout=0.2, connect_retries=2, check_interval=60)
+        async with running_lb(config) as lb:
+            assert await exchange(lb.port, b"kept") == b"kept"
+
+
+async def test_refused_connects_try_every_backend_once() -> None:
+    """Refusals cost no timeout: with 4 dead backends and one alive, the client is served."""
+    dead = [("127.0.0.1", free_port()) for _ in range(4)]
+    async with EchoBackend() as echo:
+        config = lb_config(*dead, echo.address, connect_retries=0, check_interval=60)
+        async with running_lb(config) as lb:
+            assert await exchange(lb.port, b"hello") == b"hello"
+            assert lb.stats()["totals"]["failed_connects"] == 4
+
+
+async def test_failing_health_checks_take_a_backend_out_and_passing_bring_it_back() -> None:
+    async with HttpBackend() as a, HttpBackend() as b:
+        config = lb_config(a.address, b.address, check_mode="http", check_interval=0.05,
+                           check_rise=3, check_fall=2)
+        async with running_lb(config) as lb:
+            b.healthy = False  # draining: /healthcheck answers 503, the port still accepts
+            await eventually(lambda: backend_state(lb, b.label) == "down")
+            assert lb.pool.backends[1].last_check == "HTTP 503"
+            served = {(await http_get(lb.port))[1]["x-served-by"] for _ in range(6)}
+            assert served == {a.label}
+            b.healthy = True
+            await eventually(lambda: backend_state(lb, b.label) == "up")
+            served = {(await http_get(lb.port))[1]["x-served-by"] for _ in range(6)}
+            assert served == {a.label, b.label}
+
+
+async def test_all_backends_down_still_get_traffic() -> None:
+    """Panic: every check fails, yet the replicas answer, so clients get the service's answer."""
+    async with HttpBackend() as a, HttpBackend() as b:
+        a.healthy = b.healthy = False
+        config = lb_config(a.address, b.address, check_mode="http", check_interval=0.05)
+        async with running_lb(config) as lb:
+            await eventually(lambda: lb.pool.up_count == 0)
+            served = []
+            for _ in range(4):
+                status, headers, _ = await http_get(lb.port)
+                assert status == 200
+                served.append(headers["x-served-by"])
+            assert set(served) == {a.label, b.label}
+
+
+async def test_no_backend_accepts_client_is_closed_at_once() -> None:
+    dead = [("127.0.0.1", free_port()) for _ in range(3)]
+    async with running_lb(lb_config(*dead, check_interval=60)) as lb:
+        reader, writer = await connect(lb.port)
+        writer.write(b"anyone?")
+        assert await asyncio.wait_for(read_to_end(reader), 5) == b""
+        await close(writer)
+        await eventually(lambda: not lb.pipes)
+
+
+async def test_no_replay_once_bytes_were_relayed() -> None:
+    """A backend that takes the request and dies: the client is closed; no other backend sees it."""
+    seen: list[bytes] = []
+
+    async def take_and_die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(100)
+        if data:
+            seen.append(data)
+            writer.transport.abort()
+
+    async with FuncBackend(take_and_die) as dying, EchoBackend() as echo:
+        config = lb_config(dying.address, echo.address, check_interval=60)
+        async with running_lb(config) as lb:
+            reader, writer = await connect(lb.port)
+            writer.write(b"POST /once")
+            with pytest.raises(ConnectionError):  # noqa: PT012
+                async with asyncio.timeout(5):
+                    assert await reader.read() == b""
+                    raise ConnectionResetError  # a clean EOF would be fine too
+            await close(writer)
+            assert seen == [b"POST /once"]
+            assert echo.eofs == 0

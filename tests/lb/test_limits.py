@@ -1,0 +1,182 @@
+"""Limits and timeouts: connection cap, idle and half-close timeouts, running out of descriptors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import psutil
+import pytest
+
+from tests.lb.lbkit import (
+    EchoBackend,
+    FuncBackend,
+    LbProcess,
+    close,
+    connect,
+    eventually,
+    exchange,
+    lb_config,
+    loop_name,
+    read_to_end,
+    running_lb,
+)
+
+
+async def echo_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    data: bytes) -> bytes:
+    writer.write(data)
+    return await reader.readexactly(len(data))
+
+
+async def test_connection_cap_makes_new_clients_wait_and_spares_existing_ones() -> None:
+    async with EchoBackend() as echo, running_lb(lb_config(echo.address, max_connections=2)) as lb:
+        r1, w1 = await connect(lb.port)
+        r2, w2 = await connect(lb.port)
+        assert await echo_once(r1, w1, b"one") == b"one"
+        assert await echo_once(r2, w2, b"two") == b"two"
+        assert lb.stats()["totals"]["accepting"] is False
+
+        # The third client's connect completes in the kernel backlog; nothing serves it yet.
+        r3, w3 = await connect(lb.port)
+        w3.write(b"three")
+        waiting = asyncio.create_task(r3.readexactly(5))
+        # The two served clients keep working at the cap.
+        for i in range(10):
+            assert await echo_once(r1, w1, b"again %d" % i) == b"again %d" % i
+        assert not waiting.done()
+        assert len(lb.pipes) == 2
+
+        # A slot frees: the waiting client is served, byte-exact.
+        await close(w1)
+        assert await asyncio.wait_for(waiting, 5) == b"three"
+        assert await echo_once(r2, w2, b"still") == b"still"
+        await close(w2)
+        await close(w3)
+        await eventually(lambda: not lb.pipes)
+        await eventually(lambda: lb.stats()["totals"]["accepting"] is True)
+        assert await exchange(lb.port, b"after") == b"after"
+
+
+async def test_cap_with_a_burst_of_clients_serves_them_all() -> None:
+    async with EchoBackend() as echo, running_lb(lb_config(echo.address, max_connections=3)) as lb:
+        peak = 0
+
+        async def one(i: int) -> bytes:
+            nonlocal peak
+            peak = max(peak, len(lb.pipes))
+            return await exchange(lb.port, b"client %d" % i, timeout=20)
+
+        results = await asyncio.gather(*(one(i) for i in range(60)))
+        assert results == [b"client %d" % i for i in range(60)]
+        assert max(peak, len(lb.pipes)) <= 3
+        await eventually(lambda: not lb.pipes and not lb.waiting)
+
+
+async def test_idle_timeout_closes_a_silent_connection(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="lb.pipe")
+    async with EchoBackend() as echo, running_lb(
+        lb_config(echo.address, idle_timeout=0.3)
+    ) as lb:
+        # Traffic keeps a connection alive past the timeout...
+        reader, writer = await connect(lb.port)
+        for i in range(8):
+            assert await echo_once(reader, writer, b"%d" % i) == b"%d" % i
+            await asyncio.sleep(0.1)
+        # ...silence ends it, on both sides.
+        assert await asyncio.wait_for(read_to_end(reader), 5) == b""
+        await close(writer)
+        await eventually(lambda: not lb.pipes)
+    assert "end=idle timeout" in caplog.text
+
+
+async def test_half_close_timeout_ends_a_side_that_never_finishes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="lb.pipe")
+    never = asyncio.Event()
+
+    async def read_then_hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # the client's EOF arrives...
+        await never.wait()  # ...and this side never answers nor closes
+
+    async with FuncBackend(read_then_hang) as backend, running_lb(
+        lb_config(backend.address, idle_timeout=60, half_close_timeout=0.3)
+    ) as lb:
+        reader, writer = await connect(lb.port)
+        writer.write(b"request")
+        writer.write_eof()
+        assert await asyncio.wait_for(read_to_end(reader), 5) == b""
+        await close(writer)
+        await eventually(lambda: not lb.pipes)
+    assert "end=half-close timeout" in caplog.text
+
+
+async def test_half_closed_connection_with_traffic_is_not_cut() -> None:
+    """The half-close timeout is about silence: a long answer after the request's EOF flows."""
+
+    async def slow_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        for i in range(10):
+            writer.write(b"%d," % i)
+            await writer.drain()
+            await asyncio.sleep(0.08)
+        writer.write_eof()
+        await reader.read()
+
+    async with FuncBackend(slow_answer) as backend, running_lb(
+        lb_config(backend.address, half_close_timeout=0.3)
+    ) as lb:
+        assert await exchange(lb.port, b"go") == b"0,1,2,3,4,5,6,7,8,9,"
+
+
+@pytest.mark.slow
+async def test_out_of_descriptors_at_accept_neither_kills_nor_spins() -> None:
+    """EMFILE at accept: the balancer survives, does not burn CPU, and serves once fds free up.
+
+    The loops differ: the default loop leaves clients in the backlog and retries accept() a
+    second later; uvloop (libuv) accepts and closes them at once.  Both must keep serving.
+    """
+    async with EchoBackend() as echo:
+        env = {
+            "LB_HOST": "127.0.0.1",
+            "LB_PORT": "0",
+            "LB_BACKENDS": f"127.0.0.1:{echo.port}",
+            "LB_ADMIN_PORT": "0",
+            "LB_CHECK_MODE": "tcp",
+            "LB_CHECK_INTERVAL": "60",
+            "LB_MAX_CONNECTIONS": "1000",
+            "LB_LOOP": loop_name(),
+        }
+        async with LbProcess(env, nofile=48) as lb:
+            clients = []
+            for _ in range(60):  # far more than 48 descriptors' worth of pipes
+                with contextlib.suppress(OSError):
+                    clients.append(await asyncio.wait_for(connect(lb.port), 2))
+            for _, writer in clients:
+                writer.write(b"x")
+            await asyncio.sleep(0.5)
+            process = psutil.Process(lb.pid)
+            assert process.num_fds() >= 44  # it really is out of descriptors
+            before = process.cpu_times()
+            await asyncio.sleep(1.0)
+            after = process.cpu_times()
+            busy = (after.user + after.system) - (before.user + before.system)
+            assert busy < 0.5, f"the balancer spins at accept: {busy:.2f} s CPU in 1 s"
+            assert lb.proc is not None
+            assert lb.proc.returncode is None
+            for _, writer in clients:
+                writer.transport.abort()
+            # Once descriptors are free again, new clients are served.
+            async with asyncio.timeout(10):
+                while True:
+                    with contextlib.suppress(OSError, TimeoutError):
+                        if await exchange(lb.port, b"alive", timeout=2) == b"alive":
+                            break
+                    await asyncio.sleep(0.2)
+            lb.signal(signal.SIGTERM)
+            assert await lb.wait() == 0
+        if loop_name() == "asyncio":
+            assert "accept() failed: [Errno 24]" in lb.output()
