@@ -1,0 +1,216 @@
+"""One supervised child process: started, its output prefixed, restarted on failure, stopped.
+
+The restart policy is compose.yaml's (``condition: on-failure, delay: 5s, max_attempts: 3,
+window: 120s``): only a non-zero exit is restarted, after the delay, and at most
+``max_attempts`` times within any ``window`` seconds; past that the process stays down and
+says so, as a container does.
+
+Each child runs in its own session, so a Ctrl-C in the terminal reaches the supervisor
+alone and the supervisor decides the order in which children stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+# Wide enough for "load_balancer" and "backend-12", so the columns line up.
+NAME_WIDTH = 13
+
+
+class Output:
+    """Lines from every child, each prefixed by its name, to one stream."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+
+    def line(self, name: str, text: str) -> None:
+        try:
+            self.stream.write(f"{name:<{NAME_WIDTH}}| {text.rstrip()}\n")
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader went away; the stack still stops
+            pass
+
+
+@dataclass
+class RestartPolicy:
+    """on-failure with at most ``max_attempts`` restarts in ``window`` seconds."""
+
+    max_attempts: int = 3
+    window: float = 120.0
+    delay: float = 5.0
+    _attempts: deque[float] = field(default_factory=deque, init=False, repr=False)
+
+    def allow(self, now: float | None = None) -> bool:
+        """May the process be restarted now? Counts the attempt when it may."""
+        now = time.monotonic() if now is None else now
+        while self._attempts and now - self._attempts[0] >= self.window:
+            self._attempts.popleft()
+        if len(self._attempts) >= self.max_attempts:
+            return False
+        self._attempts.append(now)
+        return True
+
+
+class Child:
+    """A command run, watched and restarted by the supervisor.
+
+    ``start()`` spawns it; ``supervise()`` (a task the supervisor owns) waits for each exit
+    and applies the policy; ``stop()`` sends SIGTERM and, after the deadline, SIGKILL.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        output: Output,
+        policy: RestartPolicy,
+        *,
+        on_give_up: Callable[[Child], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.output = output
+        self.policy = policy
+        self.on_give_up = on_give_up
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.exit_codes: list[int] = []
+        self.gave_up = False
+        self.started = asyncio.Event()  # set at every (re)start; cleared at exit
+        self._stopping = False
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        proc = self.proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def log(self, text: str) -> None:
+        self.output.line(self.name, text)
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._pump = asyncio.create_task(self._copy_output(self.proc), name=f"{self.name}-output")
+        if self._stopping:  # stop() ran while this restart was being spawned
+            self.signal(signal.SIGKILL)
+            return
+        self.started.set()
+
+    async def _copy_output(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            try:
+                raw = await proc.stdout.readline()
+            except ValueError:  # a line longer than the stream's limit: take what is there
+                raw = await proc.stdout.read(65536)
+            if not raw:
+                return
+            self.log(raw.decode("utf-8", "replace"))
+
+    async def _wait_exit(self) -> int:
+        proc = self.proc
+        assert proc is not None
+        code = await proc.wait()
+        if self._pump is not None:
+            # The pipe reaches EOF when the child and anything it spawned have closed it.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 2.0)
+        self.started.clear()
+        return code
+
+    async def supervise(self) -> None:
+        """Wait for each exit and restart on failure, within the policy, until stopped."""
+        while True:
+            code = await self._wait_exit()
+            self.exit_codes.append(code)
+            if self._stopping:
+                return
+            if code == 0:
+                self.log("exited with status 0; not restarted (restart policy: on-failure)")
+                return
+            if not self.policy.allow():
+                self.gave_up = True
+                self.log(
+                    f"exited with status {code}; not restarted: {self.policy.max_attempts} "
+                    f"restarts within {self.policy.window:g}s already"
+                )
+                if self.on_give_up is not None:
+                    self.on_give_up(self)
+                return
+            self.log(f"exited with status {code}; restarting in {self.policy.delay:g}s")
+            await asyncio.sleep(self.policy.delay)
+            if self.stopping:  # stop() may have run during the delay
+                return
+            self.restarts += 1
+            await self.start()
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the child's whole process group (it leads its own session)."""
+        pid = self.pid
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def prevent_restart(self) -> None:
+        """From now on an exit is final (the first step of every shutdown)."""
+        self._stopping = True
+
+    async def stop(self, timeout: float, force: asyncio.Event | None = None) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` (or at once when ``force`` is set).
+
+        No restart happens after this is called. Returns the exit status, if it ran."""
+        self._stopping = True
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            self.signal(signal.SIGTERM)
+            waiter = asyncio.ensure_future(proc.wait())
+            forced = asyncio.ensure_future(force.wait()) if force is not None else None
+            waits: list[asyncio.Future[Any]] = [waiter, *([forced] if forced else [])]
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if forced is not None:
+                forced.cancel()
+            if proc.returncode is None:
+                self.log(f"still running {timeout:g}s after SIGTERM (or forced): SIGKILL")
+                self.signal(signal.SIGKILL)
+            await waiter
+        # Anything the child left in its group goes with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if self._pump is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), 2.0)
+            if not self._pump.done():
+                self._pump.cancel()
+        return proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL now, as a crash would (the policy then restarts it): for tests."""
+        self.signal(signal.SIGKILL)

@@ -1,0 +1,409 @@
+"""The compose topology as local processes: database, ``SERVER_COUNT`` replicas, balancer.
+
+``Stack`` is the one owner of every process it starts.  ``start()`` brings them up in
+compose's order (database, replicas, balancer) and returns when a request through the
+balancer succeeds; ``stop()`` is the one ordered shutdown: the balancer first (it stops
+accepting and drains), then the replicas (they drain), then the database, each with a
+deadline after which it is killed.  As a library it is an async context manager, so test
+suites start the same topology ``make run`` does::
+
+    async with Stack(StackConfig.from_env(os.environ, lb_port=free_port())) as stack:
+        stack.replicas[0].kill()          # a crash; the restart policy brings it back
+        ...                               # talk to stack.url
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import secrets
+import socket
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from stack.config import StackConfig, _reachable
+from stack.pg import EmbeddedPostgres, EmbeddedPostgresError, StopMode, free_port
+from stack.process import Child, Output, RestartPolicy
+
+SUPERVISOR = "stack"
+DATABASE = "database"
+BALANCER = "load_balancer"
+# How long PostgreSQL gets for a fast shutdown (compose.yaml's stop_grace_period for it).
+DATABASE_STOP_TIMEOUT = 30.0
+_PACKAGES = str(Path(__file__).resolve().parent.parent)
+
+
+class StackError(RuntimeError):
+    """The stack could not start (the message says which part and why)."""
+
+
+async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> int:
+    """The status of ``GET path`` on a new connection; 0 when there is no HTTP answer."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+            )
+            await writer.drain()
+            status_line = await reader.readline()
+        parts = status_line.split()
+        return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+    except (OSError, TimeoutError, ValueError):
+        return 0
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Would a listener fail to bind ``host:port``? (SO_REUSEADDR, as the programs bind.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+class Stack:
+    """The database, the replicas and the balancer, owned and stopped in order."""
+
+    def __init__(
+        self,
+        config: StackConfig,
+        *,
+        output: Output | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.config = config
+        self.output = output if output is not None else Output()
+        self.python = python
+        self.database: EmbeddedPostgres | None = None
+        self.replicas: list[Child] = []
+        self.balancer: Child | None = None
+        #: Set when a process the stack cannot serve without has given up (restart policy
+        #: exhausted): the database, the balancer, or every replica.
+        self.failed = asyncio.Event()
+        #: Set to skip the drains: every process still running is killed at once.
+        self.force_stop = asyncio.Event()
+        self.ready = False
+        self._db_policy = self._policy()
+        self._db_starting: asyncio.Future[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._stopped = False
+
+    # -- what a client needs ----------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.client_host}:{self.config.lb_port}"
+
+    @property
+    def admin_url(self) -> str | None:
+        if not self.config.lb_admin_port:
+            return None
+        return f"http://{self.config.admin_client_host}:{self.config.lb_admin_port}"
+
+    @property
+    def processes(self) -> list[Child]:
+        return [*self.replicas, *([self.balancer] if self.balancer else [])]
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def log(self, text: str) -> None:
+        self.output.line(SUPERVISOR, text)
+
+    # -- start --------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Stack:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Start everything and return once a request through the balancer succeeds.
+
+        On any failure (or cancellation) what was started is stopped before this raises."""
+        try:
+            self._check_ports()
+            async with asyncio.timeout(self.config.ready_timeout):
+                pg_env = await self._start_database()
+                await self._start_replicas(pg_env)
+                await self._start_balancer()
+        except TimeoutError:
+            await self.stop()
+            raise StackError(
+                f"the stack did not answer through {self.url} within "
+                f"{self.config.ready_timeout:g}s (STACK_READY_TIMEOUT); see the logs above"
+            ) from None
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready = True
+
+    def _check_ports(self) -> None:
+        cfg = self.config
+        wanted = [(cfg.lb_host, cfg.lb_port, "LB_PORT")]
+        if cfg.lb_admin_port:
+            wanted.append((cfg.lb_admin_host, cfg.lb_admin_port, "LB_ADMIN_PORT"))
+        wanted += [(cfg.backend_host, p, f"replica {i} (STACK_BACKEND_PORT + {i - 1})")
+                   for i, p in enumerate(cfg.replica_ports, 1)]
+        busy = [f"{host}:{port} ({what})" for host, port, what in wanted if port_in_use(host, port)]
+        if busy:
+            raise StackError("already in use: " + ", ".join(busy) + "; choose other ports")
+
+    def _policy(self) -> RestartPolicy:
+        cfg = self.config
+        return RestartPolicy(cfg.restart_max_attempts, cfg.restart_window, cfg.restart_delay)
+
+    async def _start_database(self) -> dict[str, str]:
+        """The ``PGSQL_*`` the replicas get: the external database's, or the embedded one's."""
+        cfg = self.config
+        if not cfg.embedded:
+            self.log(f"database: external PostgreSQL at {cfg.pg_host}:{cfg.pg_port}")
+            return {
+                "PGSQL_HOST": cfg.pg_host,
+                "PGSQL_PORT": str(cfg.pg_port),
+                "PGSQL_DBNAME": cfg.pg_dbname,
+                "PGSQL_USER": cfg.pg_user,
+                "PGSQL_PASSWORD": cfg.pg_password,
+            }
+        data = cfg.data_dir.resolve()
+        data.mkdir(parents=True, exist_ok=True)
+        if (data / "pgdata" / "PG_VERSION").exists() and not (data / "pgpassword").exists():
+            raise StackError(
+                f"{data / 'pgdata'} holds a database but its password file {data / 'pgpassword'} "
+                "is gone; restore it, or delete the data directory to start afresh"
+            )
+        self.database = EmbeddedPostgres(
+            data_dir=data / "pgdata",
+            port=cfg.embedded_pg_port or free_port(),
+            host="127.0.0.1",
+            user=cfg.pg_user,
+            password=_local_password(data / "pgpassword"),
+            dbname=cfg.pg_dbname,
+            log_file=data / "postgres.log",
+        )
+        log_file = data / "postgres.log"
+        offset = log_file.stat().st_size if log_file.exists() else 0
+        self._tasks.append(asyncio.create_task(self._tail(log_file, offset), name="database-log"))
+        self.log(f"database: embedded PostgreSQL, data in {data / 'pgdata'}")
+        try:
+            await asyncio.to_thread(self.database.start)
+        except EmbeddedPostgresError as exc:
+            raise StackError(f"the embedded PostgreSQL did not start: {exc}") from exc
+        self._tasks.append(asyncio.create_task(self._watch_database(), name="database-watch"))
+        return self.database.env
+
+    async def _tail(self, path: Path, offset: int) -> None:
+        """Copy the embedded PostgreSQL's log file to the output, prefixed (it writes a file,
+        not a pipe we own)."""
+        pending = b""
+        while True:
+            try:
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(1 << 20)
+            except FileNotFoundError:
+                chunk = b""
+            if chunk:
+                offset += len(chunk)
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    self.output.line(DATABASE, line.decode("utf-8", "replace"))
+            elif self._stopped:
+                return
+            await asyncio.sleep(0.2)
+
+    async def _watch_database(self) -> None:
+        """The restart policy for the embedded database (it is a process we own too)."""
+        db = self.database
+        assert db is not None
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            if self._stopping or db.running:
+                continue
+            if not self._db_policy.allow():
+                self.log("database: exited; restart policy exhausted, stopping the stack")
+                self.failed.set()
+                return
+            self.log(f"database: exited; restarting in {self.config.restart_delay:g}s")
+            await asyncio.sleep(self.config.restart_delay)
+            if self.stopping:  # stop() may have run during the delay
+                return
+            # Shielded and remembered: a start running in a thread cannot be cancelled, so
+            # stop() waits for it before stopping the database (else it would outlive us).
+            self._db_starting = asyncio.ensure_future(asyncio.to_thread(db.start))
+            try:
+                await asyncio.shield(self._db_starting)
+            except EmbeddedPostgresError as exc:
+                self.log(f"database: restart failed: {exc}")
+
+    def _child_env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        env = dict(self.config.environ)
+        env["PYTHONUNBUFFERED"] = "1"  # lines reach the prefixer as they are written
+        # The programs are found where this package is (a checkout or site-packages), from
+        # whatever directory the stack is started in.
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = f"{_PACKAGES}{os.pathsep}{path}" if path else _PACKAGES
+        env.update(extra)
+        return env
+
+    async def _start_replicas(self, pg_env: Mapping[str, str]) -> None:
+        cfg = self.config
+        for i, port in enumerate(cfg.replica_ports, 1):
+            child = Child(
+                f"backend-{i}",
+                [self.python, "-m", "services"],
+                self._child_env({**pg_env, "SERVICE_HOST": cfg.backend_host,
+                                 "SERVICE_PORT": str(port)}),
+                self.output,
+                self._policy(),
+                on_give_up=self._replica_gave_up,
+            )
+            await child.start()
+            self.replicas.append(child)
+            self._tasks.append(asyncio.create_task(child.supervise(), name=f"{child.name}-watch"))
+        host = _reachable(cfg.backend_host)
+        for child, port in zip(self.replicas, cfg.replica_ports, strict=True):
+            await self._until(host, port, child)
+            self.log(f"{child.name}: healthy on {host}:{port}")
+
+    async def _start_balancer(self) -> None:
+        cfg = self.config
+        host = _reachable(cfg.backend_host)
+        env = self._child_env({
+            "LB_HOST": cfg.lb_host,
+            "LB_PORT": str(cfg.lb_port),
+            "LB_ADMIN_HOST": cfg.lb_admin_host,
+            "LB_ADMIN_PORT": str(cfg.lb_admin_port),
+            "SERVER_COUNT": str(cfg.server_count),
+            "LB_BACKENDS": ",".join(f"{host}:{port}" for port in cfg.replica_ports),
+        })
+        env.pop("PGSQL_PASSWORD", None)  # the balancer never talks to the database
+        self.balancer = Child(BALANCER, [self.python, "-m", "lb"], env, self.output,
+                              self._policy(), on_give_up=self._essential_gave_up)
+        await self.balancer.start()
+        self._tasks.append(asyncio.create_task(self.balancer.supervise(), name="balancer-watch"))
+        await self._until(cfg.client_host, cfg.lb_port, self.balancer)
+        self.log(f"{BALANCER}: answering on {self.url}")
+
+    async def _until(self, host: str, port: int, child: Child) -> None:
+        """Poll ``GET /healthcheck`` on ``host:port`` until 200; fail early when ``child``
+        gives up or the stack failed. The caller's timeout bounds it."""
+        while True:
+            if child.gave_up or self.failed.is_set():
+                raise StackError(f"{child.name} exited during start; see its log above")
+            if await http_status(host, port, "/healthcheck") == 200:
+                return
+            await asyncio.sleep(0.2)
+
+    def _replica_gave_up(self, child: Child) -> None:
+        if all(r.gave_up for r in self.replicas):
+            self.log("every replica has given up: stopping the stack")
+            self.failed.set()
+
+    def _essential_gave_up(self, child: Child) -> None:
+        self.log(f"{child.name} has given up: stopping the stack")
+        self.failed.set()
+
+    # -- stop ---------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """The one ordered shutdown; safe to call at any point, and more than once."""
+        if self._stopping:
+            while not self._stopped:
+                await asyncio.sleep(0.05)
+            return
+        self._stopping = True
+        self.ready = False
+        timeout = self.config.stop_timeout
+        # No restart from here on: an exit during shutdown is the shutdown.
+        for child in self.processes:
+            child.prevent_restart()
+        for task in self._tasks:
+            if not task.get_name().endswith("-log"):
+                task.cancel()
+        try:
+            if self.balancer is not None:
+                self.log(f"stopping {BALANCER} (it stops accepting, then drains)")
+                await self.balancer.stop(timeout, self.force_stop)
+            if self.replicas:
+                self.log(f"stopping {len(self.replicas)} replica(s) (they drain)")
+                await asyncio.gather(*(r.stop(timeout, self.force_stop) for r in self.replicas))
+            if self._db_starting is not None:
+                await asyncio.wait([self._db_starting], timeout=DATABASE_STOP_TIMEOUT)
+                if self._db_starting.done() and not self._db_starting.cancelled():
+                    self._db_starting.exception()  # seen (it was logged, if any)
+            if self.database is not None:
+                mode: StopMode = "immediate" if self.force_stop.is_set() else "fast"
+                self.log(f"stopping the database ({mode})")
+                await asyncio.to_thread(self.database.stop, mode, DATABASE_STOP_TIMEOUT)
+        finally:
+            self._stopped = True
+            # The log tail makes one last pass, then ends; the others were cancelled.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*self._tasks, return_exceptions=True), timeout=2.0
+                )
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks.clear()
+            self.log("stopped")
+
+    # -- for people -----------------------------------------------------------------------
+
+    def banner(self) -> list[str]:
+        """What to point curl, wrk and hey at, once ready."""
+        url = self.url
+        get = f"'{url}/get_var?key=greeting'"
+        lines = [
+            f"varstack is ready: {len(self.replicas)} replicas behind the balancer at {url}",
+            f"  curl -i -X POST {url}/set_var -H 'Content-Type: application/json' "
+            "-d '{\"key\": \"greeting\", \"value\": \"hello\"}'",
+            f"  curl -i {get}",
+            f"  wrk -t2 -c64 -d30s {get}",
+            f"  hey -z 30s -c 64 {get}",
+        ]
+        if self.admin_url:
+            lines.append(f"  balancer: {self.admin_url}/stats (JSON), {self.admin_url}/metrics, "
+                         f"{self.admin_url}/")
+        host = _reachable(self.config.backend_host)
+        lines.append("  replicas: " + ", ".join(f"{host}:{p}" for p in self.config.replica_ports))
+        if self.database is not None:
+            data = self.config.data_dir.resolve()
+            lines.append(
+                f"  database: embedded PostgreSQL on 127.0.0.1:{self.database.port}, "
+                f"data in {data / 'pgdata'} (password in {data / 'pgpassword'})"
+            )
+        else:
+            lines.append(f"  database: {self.config.pg_host}:{self.config.pg_port}")
+        lines.append("Ctrl-C (or SIGTERM) stops everything.")
+        return lines
+
+
+def _local_password(path: Path) -> str:
+    """The embedded database's password: generated once, kept beside its data (0600), so the
+    same data directory keeps working across restarts and nothing is hard-coded."""
+    if path.exists():
+        return path.read_text().strip()
+    password = secrets.token_urlsafe(18)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password
