@@ -50,6 +50,24 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class _FoldConnectionTracebacks(logging.Filter):
+    """asyncpg's pool logs a full traceback each time it fails to reconnect its minimum of
+    connections; while the database is down that is one traceback a second of noise. A
+    connection error is expected there: keep the line, fold the traceback into a reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and isinstance(exc, (*CONNECTION_ERRORS, TimeoutError)):
+            record.msg = f"{record.getMessage()} ({describe(exc)})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+logging.getLogger("asyncpg.pool").addFilter(_FoldConnectionTracebacks())
+
+
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (down, restarting, not yet started)."""
 

@@ -63,7 +63,7 @@ async def service_on(pg: EmbeddedPostgres, **overrides: Any) -> AsyncIterator[Ru
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 async def test_database_restart_gives_503_then_recovers_without_restart(
-    own_postgres: EmbeddedPostgres, mode: StopMode
+    own_postgres: EmbeddedPostgres, mode: StopMode, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with service_on(own_postgres, pool_min_size=4) as service, \
             aiohttp.ClientSession() as http:
@@ -86,6 +86,8 @@ async def test_database_restart_gives_503_then_recovers_without_restart(
                 assert (r.status, await r.text()) == (200, "1"), i
         async with http.get(f"{service.url}/metrics") as r:
             assert 'varstack_db_errors_total{kind="connection"}' in await r.text()
+    pool_records = [r for r in caplog.records if r.name == "asyncpg.pool"]
+    assert all(r.exc_info is None for r in pool_records), "connection tracebacks are folded"
 
 
 async def test_database_killed_mid_request_is_503_not_500(
