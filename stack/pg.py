@@ -86,13 +86,18 @@ def _as_user(user: str | None) -> _RunAs:
     return {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
 
 
-def _open_up_path(path: Path, user: str) -> None:
-    """Let ``user`` traverse to ``path`` and own it (PostgreSQL insists on owning PGDATA)."""
-    entry = pwd.getpwnam(user)
+def _let_traverse(path: Path) -> None:
+    """Let every user traverse the folders above ``path`` (o+rx). Done at every start, not
+    once: others may tighten them meanwhile (pytest resets /tmp/pytest-of-<user> to 0700)."""
     for parent in list(path.parents)[:-1]:
         mode = parent.stat().st_mode
         if mode & 0o005 != 0o005:
             parent.chmod(mode | 0o005)
+
+
+def _give_to(path: Path, user: str) -> None:
+    """Make ``user`` own ``path`` and all below it (PostgreSQL insists on owning PGDATA)."""
+    entry = pwd.getpwnam(user)
     for root, dirs, files in os.walk(path):
         os.chown(root, entry.pw_uid, entry.pw_gid)
         for name in dirs + files:
@@ -102,10 +107,7 @@ def _open_up_path(path: Path, user: str) -> None:
 def _prepare_binaries(user: str) -> None:
     bin_dir = _bin_dir()
     install = bin_dir.parent
-    for parent in [*list(install.parents)[:-1], install]:
-        mode = parent.stat().st_mode
-        if mode & 0o005 != 0o005:
-            parent.chmod(mode | 0o005)
+    _let_traverse(bin_dir)
     for root, dirs, files in os.walk(install):
         os.chmod(root, os.stat(root).st_mode | 0o005)
         for name in dirs + files:
@@ -171,7 +173,7 @@ class EmbeddedPostgres:
         try:
             if run_as:
                 _prepare_binaries(run_as)
-                _open_up_path(self.data_dir, run_as)
+                _give_to(self.data_dir, run_as)
                 entry = pwd.getpwnam(run_as)
                 os.chown(pwfile, entry.pw_uid, entry.pw_gid)
             result = subprocess.run(
@@ -217,6 +219,9 @@ class EmbeddedPostgres:
         if self.running:
             return
         run_as = _run_as()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if run_as:
+            _let_traverse(self.data_dir)
         self._initdb(run_as)
         stale = self.data_dir / "postmaster.pid"
         if stale.exists():
