@@ -26,6 +26,7 @@ RUN python3 -m venv /opt/venv \
  && rm /tmp/requirements.txt
 
 COPY docker/healthcheck.py /usr/local/bin/varstack-healthcheck
+COPY common/ ./common/
 COPY lb/ ./lb/
 
 # Numeric so it needs no /etc/passwd entry on any base; nothing under /app is writable by it.

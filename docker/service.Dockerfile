@@ -26,6 +26,7 @@ RUN python3 -m venv /opt/venv \
  && rm /tmp/requirements.txt
 
 COPY docker/healthcheck.py /usr/local/bin/varstack-healthcheck
+COPY common/ ./common/
 COPY services/ ./services/
 # Where the wheel puts it (pyproject force-include), so the service finds its schema.
 COPY sql/schema.sql ./services/schema.sql

@@ -12,9 +12,10 @@ import logging
 import resource
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from common.loops import loop_factory
 from lb.config import Config, ConfigError
 from lb.server import Server
 
@@ -24,18 +25,6 @@ log = logging.getLogger("lb")
 _FD_RESERVE = 64
 #: At most one log line per this many seconds about accept() running out of descriptors.
 _ACCEPT_ERROR_LOG_INTERVAL = 10.0
-
-
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise ConfigError("LB_LOOP: uvloop is not installed") from None
-        else:
-            return uvloop.new_event_loop
-    return asyncio.new_event_loop
 
 
 def raise_fd_limit(config: Config) -> None:
@@ -103,7 +92,7 @@ async def run(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = Config.from_env(argv=sys.argv[1:] if argv is None else argv)
-        factory = loop_factory(config.loop)
+        factory = loop_factory(config.loop, variable="LB_LOOP")
     except ConfigError as exc:
         print(f"varstack-lb: configuration error: {exc}", file=sys.stderr)
         return 2

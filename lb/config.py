@@ -19,20 +19,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar
 
+# ConfigError is re-exported: callers catch lb.config.ConfigError.
+from common.env import ConfigError as ConfigError
+from common.loops import LOOPS
+
 T = TypeVar("T")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-LOOPS = ("auto", "uvloop", "asyncio")
 CHECK_MODES = ("http", "tcp")
 #: A container gets 10 s between SIGTERM and SIGKILL; the drain must end before that.
 STOP_GRACE = 10.0
 
 CheckMode = Literal["http", "tcp"]
 LoopName = Literal["auto", "uvloop", "asyncio"]
-
-
-class ConfigError(ValueError):
-    """A setting has a value the balancer cannot run with; the message names the variable."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,6 +22,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
+from common.net import listening_socket
 from lb.backends import BackendPool
 from lb.config import Config
 from lb.discovery import DnsDiscovery, Resolver
@@ -93,7 +94,7 @@ class Server:
             half_close_timeout=config.half_close_timeout,
             buffer_size=config.buffer_size,
         )
-        self._sock = _listen(config.host, config.port, config.backlog)
+        self._sock = listening_socket(config.host, config.port, backlog=config.backlog)
         try:
             if self.discovery is None:
                 self.pool.update(config.backends)
@@ -340,22 +341,3 @@ class Server:
                 "stopping": self._stopping,
             },
         }
-
-
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
-    """The listening socket, made here so that pausing the loop's server never closes it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto=IPPROTO_TCP, not 0: accepted sockets inherit it, and the default loop only sets
-    # TCP_NODELAY on sockets whose proto says TCP.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock

@@ -6,24 +6,13 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from common.loops import loop_factory, loop_name
 from services.config import Config, ConfigError, load_config
 from services.server import Server
 
 log = logging.getLogger("services")
-
-
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise ConfigError("SERVICE_LOOP=uvloop but uvloop is not installed") from None
-        else:
-            return uvloop.new_event_loop
-    return asyncio.new_event_loop
 
 
 def configure_logging(config: Config) -> None:
@@ -37,13 +26,12 @@ def configure_logging(config: Config) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(os.environ, sys.argv[1:] if argv is None else argv)
-        factory = loop_factory(config.loop)
+        factory = loop_factory(config.loop, variable="SERVICE_LOOP")
     except ConfigError as exc:
         print(f"varstack-service: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config)
-    loop_name = "uvloop" if factory.__module__.startswith("uvloop") else "asyncio"
-    log.info("starting with %s on the %s loop", config.redacted(), loop_name)
+    log.info("starting with %s on the %s loop", config.redacted(), loop_name(factory))
     with asyncio.Runner(loop_factory=factory) as runner:
         try:
             runner.run(Server(config).serve())

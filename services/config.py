@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from common.env import ConfigError, choice, integer, seconds, text
+from common.loops import LOOPS
+
+__all__ = ["ENV_VARS", "SETTINGS", "Config", "ConfigError", "load_config"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACCESS_LOG_LEVELS = ("info", "debug", "off")
-LOOPS = ("auto", "uvloop", "asyncio")
-
-
-class ConfigError(ValueError):
-    """A setting has a value the service cannot run with; the message names the variable."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,76 +112,30 @@ class Config:
         return out
 
 
-def _integer(lo: int, hi: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-        if not lo <= value <= hi:
-            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
-        return value
-
-    return parse
-
-
-def _seconds(lo: float, hi: float) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise ConfigError(f"{name} must be between {lo:g} and {hi:g} seconds, got {raw!r}")
-        return value
-
-    return parse
-
-
-def _choice(options: Sequence[str]) -> Callable[[str, str], str]:
-    def parse(name: str, raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in options:
-            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
-        return value
-
-    return parse
-
-
-def _text(*, empty_ok: bool = False) -> Callable[[str, str], str]:
-    def parse(name: str, raw: str) -> str:
-        value = raw if empty_ok else raw.strip()
-        if not value and not empty_ok:
-            raise ConfigError(f"{name} must not be empty")
-        return value
-
-    return parse
-
-
 # Config field <- (variable, parser).
 _PARSERS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
-    "host": ("SERVICE_HOST", _text()),
-    "port": ("SERVICE_PORT", _integer(0, 65535)),
-    "served_by": ("SERVICE_NAME", _text(empty_ok=True)),
-    "pg_host": ("PGSQL_HOST", _text()),
-    "pg_port": ("PGSQL_PORT", _integer(1, 65535)),
-    "pg_dbname": ("PGSQL_DBNAME", _text()),
-    "pg_user": ("PGSQL_USER", _text()),
-    "pg_password": ("PGSQL_PASSWORD", _text(empty_ok=True)),
-    "pool_min_size": ("SERVICE_POOL_MIN_SIZE", _integer(0, 1000)),
-    "pool_max_size": ("SERVICE_POOL_MAX_SIZE", _integer(1, 1000)),
-    "pool_acquire_timeout": ("SERVICE_POOL_ACQUIRE_TIMEOUT", _seconds(0.001, 300)),
-    "max_waiting": ("SERVICE_MAX_WAITING", _integer(0, 100_000)),
-    "db_command_timeout": ("SERVICE_DB_COMMAND_TIMEOUT", _seconds(0.001, 3600)),
-    "db_connect_timeout": ("SERVICE_DB_CONNECT_TIMEOUT", _seconds(0.001, 300)),
-    "db_retry_max_delay": ("SERVICE_DB_RETRY_MAX_DELAY", _seconds(0.01, 300)),
-    "health_timeout": ("SERVICE_HEALTH_TIMEOUT", _seconds(0.001, 60)),
-    "max_body_bytes": ("SERVICE_MAX_BODY_BYTES", _integer(1024, 1 << 30)),
-    "max_key_bytes": ("SERVICE_MAX_KEY_BYTES", _integer(1, 2000)),
-    "shutdown_timeout": ("SERVICE_SHUTDOWN_TIMEOUT", _seconds(0, 3600)),
-    "loop": ("SERVICE_LOOP", _choice(LOOPS)),
-    "log_level": ("SERVICE_LOG_LEVEL", _choice(LOG_LEVELS)),
-    "access_log": ("SERVICE_ACCESS_LOG", _choice(ACCESS_LOG_LEVELS)),
+    "host": ("SERVICE_HOST", text()),
+    "port": ("SERVICE_PORT", integer(0, 65535)),
+    "served_by": ("SERVICE_NAME", text(empty_ok=True)),
+    "pg_host": ("PGSQL_HOST", text()),
+    "pg_port": ("PGSQL_PORT", integer(1, 65535)),
+    "pg_dbname": ("PGSQL_DBNAME", text()),
+    "pg_user": ("PGSQL_USER", text()),
+    "pg_password": ("PGSQL_PASSWORD", text(empty_ok=True)),
+    "pool_min_size": ("SERVICE_POOL_MIN_SIZE", integer(0, 1000)),
+    "pool_max_size": ("SERVICE_POOL_MAX_SIZE", integer(1, 1000)),
+    "pool_acquire_timeout": ("SERVICE_POOL_ACQUIRE_TIMEOUT", seconds(0.001, 300)),
+    "max_waiting": ("SERVICE_MAX_WAITING", integer(0, 100_000)),
+    "db_command_timeout": ("SERVICE_DB_COMMAND_TIMEOUT", seconds(0.001, 3600)),
+    "db_connect_timeout": ("SERVICE_DB_CONNECT_TIMEOUT", seconds(0.001, 300)),
+    "db_retry_max_delay": ("SERVICE_DB_RETRY_MAX_DELAY", seconds(0.01, 300)),
+    "health_timeout": ("SERVICE_HEALTH_TIMEOUT", seconds(0.001, 60)),
+    "max_body_bytes": ("SERVICE_MAX_BODY_BYTES", integer(1024, 1 << 30)),
+    "max_key_bytes": ("SERVICE_MAX_KEY_BYTES", integer(1, 2000)),
+    "shutdown_timeout": ("SERVICE_SHUTDOWN_TIMEOUT", seconds(0, 3600)),
+    "loop": ("SERVICE_LOOP", choice(LOOPS)),
+    "log_level": ("SERVICE_LOG_LEVEL", choice(LOG_LEVELS)),
+    "access_log": ("SERVICE_ACCESS_LOG", choice(ACCESS_LOG_LEVELS)),
 }
 assert {env for env, _ in _PARSERS.values()} == set(ENV_VARS)
 

@@ -12,33 +12,16 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 
 from aiohttp import web
 
+from common.net import listening_socket
 from services.api import Lifecycle, access_logger_class, create_app
 from services.config import Config
 
 log = logging.getLogger("services.server")
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def bind_socket(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
-    """A listening socket on ``host:port`` (port 0: the kernel picks)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class Server:
@@ -67,7 +50,7 @@ class Server:
 
     async def startup(self) -> None:
         cfg = self.config
-        sock = bind_socket(cfg.host, cfg.port)
+        sock = listening_socket(cfg.host, cfg.port, backlog=1024)
         self.port = int(sock.getsockname()[1])
         served_by = cfg.served_by_for(self.port)
         app = create_app(cfg, served_by=served_by, lifecycle=self.lifecycle)

@@ -13,15 +13,14 @@ This module is the only place in ``stack`` that reads the environment.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from common.env import ConfigError, integer, seconds
 
-class ConfigError(ValueError):
-    """A setting has a value the supervisor cannot run with; the message names the variable."""
+__all__ = ["ENV_VARS", "SETTINGS", "ConfigError", "StackConfig"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,32 +161,6 @@ def _reachable(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def _integer(lo: int, hi: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-        if not lo <= value <= hi:
-            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
-        return value
-
-    return parse
-
-
-def _seconds(lo: float, hi: float) -> Callable[[str, str], float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-        if not math.isfinite(value) or not lo <= value <= hi:
-            raise ConfigError(f"{name} must be between {lo:g} and {hi:g} seconds, got {raw!r}")
-        return value
-
-    return parse
-
-
 def _text(name: str, raw: str) -> str:
     return raw.strip()
 
@@ -201,24 +174,24 @@ def _path(name: str, raw: str) -> Path:
 
 
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
-    "server_count": _integer(1, 200),
+    "server_count": integer(1, 200),
     "lb_host": _text,
-    "lb_port": _integer(1, 65535),
+    "lb_port": integer(1, 65535),
     "lb_admin_host": _text,
-    "lb_admin_port": _integer(0, 65535),
+    "lb_admin_port": integer(0, 65535),
     "backend_host": _text,
-    "backend_port": _integer(1, 65535),
+    "backend_port": integer(1, 65535),
     "pg_host": _text,
-    "pg_port": _integer(1, 65535),
+    "pg_port": integer(1, 65535),
     "pg_dbname": _text,
     "pg_user": _text,
     "pg_password": _secret,
     "data_dir": _path,
-    "embedded_pg_port": _integer(0, 65535),
-    "restart_max_attempts": _integer(0, 1000),
-    "restart_window": _seconds(0, 86400),
-    "restart_delay": _seconds(0, 3600),
-    "stop_timeout": _seconds(0.1, 3600),
-    "ready_timeout": _seconds(1, 3600),
+    "embedded_pg_port": integer(0, 65535),
+    "restart_max_attempts": integer(0, 1000),
+    "restart_window": seconds(0, 86400),
+    "restart_delay": seconds(0, 3600),
+    "stop_timeout": seconds(0.1, 3600),
+    "ready_timeout": seconds(1, 3600),
 }
 assert set(_PARSERS) == {s.attr for s in SETTINGS}

@@ -349,7 +349,9 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_context() -> None
     ]
     assert lines[0] == "*", "deny by default"
     allowed = {line[1:] for line in lines if line.startswith("!")}
-    assert allowed <= {"pyproject.toml", "services/", "lb/", "sql/", "docker/healthcheck.py"}
+    assert allowed <= {
+        "pyproject.toml", "common/", "services/", "lb/", "sql/", "docker/healthcheck.py"
+    }
     # Every file a Dockerfile copies is let in.
     for path in DOCKERFILES:
         for word, arg in _instructions(path):

@@ -1,0 +1,62 @@
+"""Typed parsing of environment variables, with errors that name the variable.
+
+Each parser factory returns ``parse(name, raw) -> value`` that raises :class:`ConfigError`
+with a message starting with the variable's name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+
+class ConfigError(ValueError):
+    """A setting has a value the program cannot run with; the message names the variable."""
+
+
+def integer(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi}, got {value}")
+        return value
+
+    return parse
+
+
+def seconds(lo: float, hi: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise ConfigError(f"{name} must be between {lo:g} and {hi:g} seconds, got {raw!r}")
+        return value
+
+    return parse
+
+
+def choice(options: Sequence[str]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def text(*, empty_ok: bool = False) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if empty_ok:
+            return raw
+        value = raw.strip()
+        if not value:
+            raise ConfigError(f"{name} must not be empty")
+        return value
+
+    return parse
