@@ -8,6 +8,7 @@ was wrong, and nothing is stored.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -18,6 +19,7 @@ from urllib.parse import parse_qs
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
@@ -48,12 +50,17 @@ RETRY_AFTER_SECONDS = "1"
 
 
 class ClientError(Exception):
-    """A request the client got wrong: answered with ``status`` and ``message``."""
+    """A request the client got wrong: answered with ``status`` and ``message``.
 
-    def __init__(self, status: int, message: str) -> None:
+    ``close``: end the connection after the answer, because the rest of the body was not read
+    and draining it would cost more than the client deserves (a huge or compressed body).
+    """
+
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.close = close
 
 
 def _bad(message: str) -> NoReturn:
@@ -63,8 +70,32 @@ def _bad(message: str) -> NoReturn:
 # -- answers -----------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
+def _accept_prefers_json(accept: str) -> bool:
+    """Whether an Accept header asks for JSON rather than text: JSON needs a q above 0 and
+    above every text type's (a bare ``*/*`` keeps the original's plain text)."""
+    json_q = text_q = 0.0
+    for item in accept.split(","):
+        media, *params = item.strip().lower().split(";")
+        q = 1.0
+        for param in params:
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media = media.strip()
+        if media in ("application/json", "application/*") or media.endswith("+json"):
+            json_q = max(json_q, q)
+        elif media in ("text/plain", "text/*", "*/*"):
+            text_q = max(text_q, q)
+    return json_q > 0 and json_q >= text_q
+
+
 def wants_json(request: web.Request) -> bool:
-    return "json" in request.headers.get(hdrs.ACCEPT, "")
+    accept = request.headers.get(hdrs.ACCEPT)
+    return accept is not None and _accept_prefers_json(accept)
 
 
 def answer(
@@ -93,28 +124,58 @@ def answer(
 # -- request parsing ---------------------------------------------------------
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in obj:
+            _bad(f"{name} is given more than once in the body")
+        obj[name] = value
+    return obj
+
+
 async def _body_object(request: web.Request) -> dict[str, Any]:
     """The JSON object in the body; {} for an empty body."""
     max_bytes = request.app[CONFIG].max_body_bytes
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+    if encoding != "identity":
+        # aiohttp would inflate it on the event loop: a 1 MB gzip bomb is 1 GB of work.
+        raise ClientError(415, f"Content-Encoding {encoding} is not accepted; send the body "
+                          "uncompressed", close=True)
     if request.content_length is not None and request.content_length > max_bytes:
-        raise ClientError(413, f"request body is larger than {max_bytes} bytes")
+        raise ClientError(413, f"request body is larger than {max_bytes} bytes", close=True)
     if not request.body_exists:
         return {}
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise ClientError(413, f"request body is larger than {max_bytes} bytes") from None
+        raise ClientError(
+            413, f"request body is larger than {max_bytes} bytes", close=True
+        ) from None
+    except RequestPayloadError as exc:
+        raise ClientError(400, f"request body is malformed ({exc})", close=True) from None
+    except ConnectionResetError:
+        # The client left mid-body: nobody reads this answer, but it is not our failure.
+        raise ClientError(400, "request body ended early (the client went away)",
+                          close=True) from None
     if not raw.strip():
         return {}
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
         _bad("request body is not valid UTF-8")
     try:
-        body = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        msg = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-        _bad(f"request body is not valid JSON ({msg})")
+        body = json.loads(text, object_pairs_hook=_no_duplicates)
+    except ClientError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and numbers past Python's digit limit.
+        if isinstance(exc, json.JSONDecodeError):
+            why = exc.msg
+        elif isinstance(exc, RecursionError):
+            why = "nested too deeply"
+        else:
+            why = "a number is too long"
+        _bad(f"request body is not valid JSON ({why})")
     if not isinstance(body, dict):
         _bad('request body must be a JSON object, like {"key": "name", "value": "text"}')
     return body
@@ -245,6 +306,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
         response = await handler(request)
     except ClientError as exc:
         response = answer(request, exc.status, exc.message)
+        if exc.close:
+            response.force_close()
     except DatabaseBusy as exc:
         log.warning("%s %s: database busy: %s", request.method, request.path, exc)
         response = answer(request, 503, "database busy, retry later",
@@ -288,8 +351,10 @@ class AccessLogger(AbstractAccessLogger):
     level = logging.INFO
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        # A balancer checks every replica every few seconds: passing checks are debug noise.
+        quiet = response.status == 200 and request.path == "/healthcheck"
         self.logger.log(
-            self.level, '%s "%s %s" %d %d %.1fms',
+            logging.DEBUG if quiet else self.level, '%s "%s %s" %d %d %.1fms',
             request.remote, request.method, request.path_qs, response.status,
             response.body_length, time * 1000,
         )

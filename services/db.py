@@ -116,6 +116,10 @@ class Database:
         self._connector: asyncio.Task[None] | None = None
         self._expiring: asyncio.Task[None] | None = None
         self._in_flight = 0
+        # /healthcheck's own connection: a full pool is a busy replica, not a dead database,
+        # and must not make a balancer take every replica out under load.
+        self._health_conn: asyncpg.Connection | None = None
+        self._health_lock = asyncio.Lock()
         self._on_error = on_error or (lambda kind: None)
         self.last_error = "not connected yet"
         self.ready = asyncio.Event()
@@ -155,20 +159,26 @@ class Database:
             )
             return
 
+    def _connect_kwargs(self) -> dict[str, Any]:
+        cfg = self._config
+        return {
+            "host": cfg.pg_host,
+            "port": cfg.pg_port,
+            "user": cfg.pg_user,
+            "password": cfg.pg_password,
+            "database": cfg.pg_dbname,
+            "command_timeout": cfg.db_command_timeout,
+            "timeout": cfg.db_connect_timeout,
+            "server_settings": {"application_name": "varstack-service"},
+        }
+
     async def _create_pool(self) -> asyncpg.Pool:
         cfg = self._config
         pool = await asyncpg.create_pool(
-            host=cfg.pg_host,
-            port=cfg.pg_port,
-            user=cfg.pg_user,
-            password=cfg.pg_password,
-            database=cfg.pg_dbname,
             min_size=cfg.pool_min_size,
             max_size=cfg.pool_max_size,
-            command_timeout=cfg.db_command_timeout,
-            timeout=cfg.db_connect_timeout,
             reset=_reset,
-            server_settings={"application_name": "varstack-service"},
+            **self._connect_kwargs(),
         )
         try:
             async with asyncio.timeout(cfg.db_connect_timeout + cfg.db_command_timeout):
@@ -194,6 +204,9 @@ class Database:
         if self._expiring is not None:
             with contextlib.suppress(Exception):
                 await self._expiring
+        if self._health_conn is not None:
+            self._health_conn.terminate()
+            self._health_conn = None
         pool, self._pool = self._pool, None
         if pool is None:
             return
@@ -237,6 +250,11 @@ class Database:
                 ) from None
             try:
                 return await conn.fetchval(sql, *args)
+            except TimeoutError:
+                # Handing the connection back would wait for asyncpg's cancel request, which
+                # a hung database answers no sooner than the statement: drop it instead.
+                conn.terminate()
+                raise
             finally:
                 await pool.release(conn)
         except (DatabaseBusy, asyncio.CancelledError):
@@ -277,12 +295,24 @@ class Database:
         return bool(await self._fetchval(SQL_DELETE, key))
 
     async def ping(self) -> None:
-        """Raise unless the database answers within the health timeout."""
-        try:
-            async with asyncio.timeout(self._config.health_timeout):
-                await self._fetchval(SQL_PING)
-        except TimeoutError:
-            raise DatabaseUnavailable(
-                f"no answer within {self._config.health_timeout:g}s"
-            ) from None
-
+        """Raise unless the database answers ``SELECT 1`` within the health timeout, on a
+        connection of its own (not the pool's)."""
+        if self._pool is None:
+            raise DatabaseUnavailable(self.last_error or "not connected yet")
+        async with self._health_lock:
+            try:
+                async with asyncio.timeout(self._config.health_timeout):
+                    conn = self._health_conn
+                    if conn is None or conn.is_closed():
+                        conn = self._health_conn = await asyncpg.connect(**self._connect_kwargs())
+                    await conn.fetchval(SQL_PING)
+            except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
+                if self._health_conn is not None:
+                    self._health_conn.terminate()
+                    self._health_conn = None
+                self._on_error("health")
+                if isinstance(exc, TimeoutError):
+                    raise DatabaseUnavailable(
+                        f"no answer within {self._config.health_timeout:g}s"
+                    ) from None
+                raise DatabaseUnavailable(describe(exc)) from exc

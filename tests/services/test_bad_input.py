@@ -132,3 +132,103 @@ async def test_garbage_http_does_not_hurt_the_server(service: RunningService) ->
     assert reply.startswith(b"HTTP/1.1 200")
     writer.close()
     await writer.wait_closed()
+
+
+# gzip and deflate reach the handler (415, ours); aiohttp's parser itself refuses encodings
+# it cannot decode (400) before any handler runs.
+@pytest.mark.parametrize(
+    ("encoding", "status"), [("gzip", 415), ("deflate", 415), ("br", 400), ("x-unknown", 415)]
+)
+async def test_compressed_bodies_are_refused_before_reading_and_the_connection_closed(
+    service: RunningService, clean_db: asyncpg.Connection, encoding: str, status: int
+) -> None:
+    import asyncio
+    import gzip
+
+    # A gzip bomb: 1 MiB of zeros squeezes to about 1 kB. aiohttp would inflate whatever it
+    # drains on the event loop; the answer must come before that, and the connection end.
+    bomb = gzip.compress(b'{"key": "k", "value": "' + b"0" * (1 << 20) + b'"}')
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    writer.write(
+        f"POST /set_var HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Encoding: {encoding}\r\nContent-Length: {len(bomb)}\r\n\r\n".encode()
+        + bomb
+    )
+    reply = await asyncio.wait_for(reader.read(), 10)  # read() returns: the server closed
+    writer.close()
+    await writer.wait_closed()
+    assert reply.split(b" ")[1] == str(status).encode()
+    if status == 415:
+        assert f"Content-Encoding {encoding} is not accepted".encode() in reply
+    assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+
+
+async def test_a_number_too_long_for_python_is_400(
+    service: RunningService, http: aiohttp.ClientSession
+) -> None:
+    body = b'{"key": "k", "value": ' + b"1" * 5000 + b"}"
+    async with http.post(f"{service.url}/set_var", data=body, headers=JSON_CT) as r:
+        assert r.status == 400
+        assert "not valid JSON (a number is too long)" in await r.text()
+
+
+async def test_a_name_twice_in_the_body_is_400_like_twice_in_the_query(
+    service: RunningService, http: aiohttp.ClientSession, clean_db: asyncpg.Connection
+) -> None:
+    body = b'{"key": "a", "key": "b", "value": "v"}'
+    async with http.post(f"{service.url}/set_var", data=body, headers=JSON_CT) as r:
+        assert (r.status, await r.text()) == (400, "key is given more than once in the body")
+    assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+
+
+async def test_a_utf8_bom_before_the_json_is_accepted(
+    service: RunningService, http: aiohttp.ClientSession
+) -> None:
+    body = b'\xef\xbb\xbf{"key": "bom", "value": "v"}'
+    async with http.post(f"{service.url}/set_var", data=body, headers=JSON_CT) as r:
+        assert r.status == 201
+
+
+async def test_clients_leaving_mid_body_are_not_server_errors(
+    service: RunningService, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    for _ in range(20):
+        _reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+        writer.write(b"POST /set_var HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"ke")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    async with http.get(f"{service.url}/healthcheck") as r:
+        assert r.status == 200
+    async with http.get(f"{service.url}/metrics") as r:
+        metrics = await r.text()
+    assert 'status="500"' not in metrics
+    assert "failed" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("accept", "json_answer"),
+    [
+        (None, False),
+        ("*/*", False),
+        ("text/plain", False),
+        ("application/json", True),
+        ("Application/JSON", True),
+        ("application/*", True),
+        ("application/problem+json", True),
+        ("*/*;q=0.1, application/json", True),
+        ("text/plain, application/json;q=0", False),
+        ("text/plain;q=0.5, application/json;q=0.9", True),
+        ("application/json;q=0.5, text/plain", False),
+        ("application/json;q=bogus", False),
+    ],
+)
+async def test_accept_negotiation_honours_q_values(
+    service: RunningService, http: aiohttp.ClientSession, accept: str | None, json_answer: bool
+) -> None:
+    headers = {"Accept": accept} if accept is not None else {}
+    async with http.get(f"{service.url}/get_var?key=absent", headers=headers) as r:
+        assert r.status == 404
+        assert (r.content_type == "application/json") is json_answer

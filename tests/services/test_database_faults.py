@@ -203,3 +203,54 @@ async def test_unexpected_database_state_is_a_logged_500_in_the_clients_format(
             assert 'route="/get_var",status="500"} 1.0' in await r.text()
     assert "GET /get_var failed" in caplog.text
     assert "UndefinedTableError" in caplog.text
+
+
+async def test_healthcheck_stays_up_while_the_pool_is_full(
+    postgres: Any, clean_db: asyncpg.Connection
+) -> None:
+    # A busy replica is not a dead database: a balancer must not take every replica out
+    # under load because requests queue for the pool.
+    await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+    config = config_for(postgres, pool_min_size=1, pool_max_size=1, max_waiting=0)
+    async with run_service(config) as service, aiohttp.ClientSession() as http:
+        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+        blocked = asyncio.ensure_future(http.get(f"{service.url}/get_var?key=k"))
+        await wait_for_lock_waiter(clean_db)
+        async with http.get(f"{service.url}/get_var?key=k") as r:
+            assert r.status == 503  # the pool is full...
+        async with http.get(f"{service.url}/healthcheck") as r:
+            assert (r.status, await r.text()) == (200, "server is healthy")  # ...the db is fine
+        await clean_db.execute("ROLLBACK")
+        response = await blocked
+        assert response.status == 200
+        response.release()
+
+
+async def test_a_hung_database_answers_within_one_command_timeout(
+    own_postgres: EmbeddedPostgres,
+) -> None:
+    import signal
+    import time
+
+    import psutil
+
+    async with service_on(own_postgres, db_command_timeout=2.0) as service, \
+            aiohttp.ClientSession() as http:
+        async with http.post(f"{service.url}/set_var", json={"key": "k", "value": "v"}) as r:
+            assert r.status == 201
+        assert own_postgres.pid is not None
+        # Every backend leads its own process group (PostgreSQL calls setsid()): stop each.
+        postmaster = psutil.Process(own_postgres.pid)
+        server = [postmaster, *postmaster.children(recursive=True)]
+        for process in server:
+            process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            async with http.get(f"{service.url}/get_var?key=k") as r:
+                assert (r.status, await r.text()) == (503, "database unavailable")
+            # Not two timeouts: the connection is dropped, not handed back after asyncpg's
+            # cancel request (which a stopped server never answers) times out too.
+            assert time.monotonic() - started < 2.0 * 1.75
+        finally:
+            for process in server:
+                process.send_signal(signal.SIGCONT)
