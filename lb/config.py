@@ -84,8 +84,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="LB_CONNECT_TIMEOUT", attr="connect_timeout", default="3",
             help="seconds a connect to a backend may take before the next backend is tried"),
     Setting(env="LB_CONNECT_RETRIES", attr="connect_retries", default="3",
-            help="connect timeouts one client may sit through before it is closed; refused "
-                 "connects move on at once (each backend is tried at most once per client)"),
+            help="retries after a connect that timed out (HAProxy's `retries`): a client waits "
+                 "through at most 1 + this many connect timeouts; refused connects move on at "
+                 "once (each backend is tried at most once per client)"),
     Setting(env="LB_IDLE_TIMEOUT", attr="idle_timeout", default="300",
             help="seconds without a byte either way before a connection is closed"),
     Setting(env="LB_HALF_CLOSE_TIMEOUT", attr="half_close_timeout", default="30",

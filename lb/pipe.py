@@ -32,6 +32,8 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 #: The idle timer ticks this many times per timeout: a connection is closed after between
 #: 1 and 1 + 1/_TICKS timeouts of silence, for one timer reschedule per tick, not per chunk.
 _TICKS: Final = 4
+#: At most one log line per this many seconds about this process running out of resources.
+_LOCAL_ERROR_LOG_INTERVAL: Final = 10.0
 
 
 class Relay:
@@ -44,6 +46,8 @@ class Relay:
         "debug",
         "half_close_timeout",
         "idle_timeout",
+        "local_error_logged_at",
+        "local_errors_unlogged",
         "loop",
         "on_admit",
         "on_finish",
@@ -75,6 +79,20 @@ class Relay:
         self.half_close_timeout = half_close_timeout
         self.buffer_size = buffer_size
         self.debug = log.isEnabledFor(logging.DEBUG)
+        self.local_error_logged_at = -_LOCAL_ERROR_LOG_INTERVAL
+        self.local_errors_unlogged = 0
+
+    def log_local_error(self, address: str, exc: OSError) -> None:
+        """Out of descriptors or memory hits every client at once: one line per interval."""
+        now = self.loop.time()
+        if now - self.local_error_logged_at < _LOCAL_ERROR_LOG_INTERVAL:
+            self.local_errors_unlogged += 1
+            return
+        also = f" ({self.local_errors_unlogged} more since the last line)" \
+            if self.local_errors_unlogged else ""
+        log.error("cannot connect to %s: %s%s", address, exc, also)
+        self.local_error_logged_at = now
+        self.local_errors_unlogged = 0
 
 
 class Pipe(asyncio.Protocol):
@@ -225,7 +243,7 @@ class Pipe(asyncio.Protocol):
                     continue
                 except OSError as exc:
                     if exc.errno in _LOCAL_ERRNOS:
-                        log.error("cannot connect to %s: %s", backend.address, exc)
+                        relay.log_local_error(backend.address, exc)
                         break
                     pool.connect_failed(backend, describe_error(exc))
                     continue

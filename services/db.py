@@ -39,11 +39,14 @@ SQL_DELETE = "DELETE FROM public.variables WHERE key = $1 RETURNING true"
 SQL_PING = "SELECT 1"
 
 # What "the database cannot be reached right now" looks like from asyncpg: refused or
-# dropped sockets, the server shutting down or starting up, no connection slot left.
+# dropped sockets, the server shutting down or starting up, no connection slot left, and a
+# connection whose protocol state the server broke (during a fast shutdown, a termination
+# message can arrive as a statement starts: "cannot switch to state ...").
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.InvalidAuthorizationSpecificationError,
@@ -250,9 +253,10 @@ class Database:
                 ) from None
             try:
                 return await conn.fetchval(sql, *args)
-            except TimeoutError:
-                # Handing the connection back would wait for asyncpg's cancel request, which
-                # a hung database answers no sooner than the statement: drop it instead.
+            except (TimeoutError, asyncpg.exceptions.InternalClientError):
+                # A timed-out statement: handing the connection back would wait for asyncpg's
+                # cancel request, which a hung database answers no sooner than the statement.
+                # A broken protocol state: the connection cannot be trusted again. Drop it.
                 conn.terminate()
                 raise
             finally:

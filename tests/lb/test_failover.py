@@ -101,12 +101,13 @@ async def test_client_bytes_sent_during_failover_arrive_once() -> None:
 async def test_connect_timeouts_are_bounded_by_retries() -> None:
     async with Blackhole() as hole1, Blackhole() as hole2, EchoBackend() as echo:
         backends = (hole1.address, hole2.address, echo.address)
-        # One timeout allowed: hole1 times out, hole2 times out, the client is closed.
+        # One retry (HAProxy's meaning): hole1 times out, the retry on hole2 times out too,
+        # and the client is closed: two timeouts in all.
         config = lb_config(*backends, connect_timeout=0.2, connect_retries=1, check_interval=60)
         async with running_lb(config) as lb:
             assert await exchange(lb.port, b"lost") == b""
             assert lb.stats()["totals"]["failed_connects"] == 2
-        # Two allowed: the third backend is reached.
+        # Two retries: the third backend is reached.
         config = lb_config(*backends, connect_timeout=0.2, connect_retries=2, check_interval=60)
         async with running_lb(config) as lb:
             assert await exchange(lb.port, b"kept") == b"kept"
