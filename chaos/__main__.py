@@ -3,6 +3,7 @@
     python -m chaos check history.jsonl           exit 0 linearizable, 1 not, 2 unknown
     python -m chaos record http://127.0.0.1:3000 --ops 2000 --out history.jsonl
     python -m chaos bench --ops 3000 --keys 10 --processes 8 --unknown-rate 0.05
+    python -m chaos run [--quick]                 the whole stack under faults: a verdict table
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from chaos import run as run_cmd
 from chaos.history import Workload, dump_history, load_history, record
 from chaos.linearizability import DEFAULT_MAX_STEPS, CheckResult, Verdict, check
 from chaos.simulate import simulate
@@ -48,8 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_cmd.add_argument("--processes", type=int, default=8)
     bench_cmd.add_argument("--unknown-rate", type=float, default=0.05)
     bench_cmd.add_argument("--seed", type=int, default=1)
+    run_parser = commands.add_parser(
+        "run", help="start the stack, fire faults under load, print a verdict table",
+        description=run_cmd.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_cmd.add_arguments(run_parser)
     args = parser.parse_args(argv)
 
+    if args.command == "run":
+        return run_cmd.run_parsed(args)
     if args.command == "check":
         history = load_history(args.history)
     elif args.command == "record":
