@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Re-install only when the project's metadata changed.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint pytest venv clean tools e2e
+.PHONY: run test lint pytest test-slow venv clean tools e2e chaos
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,22 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-## make pytest: the test suite alone (PYTEST_ARGS='-k name' to narrow it).
+## make pytest: the test suite alone, without the long scenarios (PYTEST_ARGS='-k name' to
+## narrow it; PYTEST_ARGS='' for everything).
+PYTEST_ARGS ?= -m 'not slow'
 pytest: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+## make test-slow: the long scenarios only (network-namespace blackhole, thousands of fuzzed
+## requests, hundreds of slowloris sockets; root for the namespaces). .ci/run runs them.
+test-slow: $(STAMP)
+	$(VENV)/bin/pytest -m slow
+
+## make chaos: the whole stack (own PostgreSQL, 3 replicas, balancer) under faults, with a
+## verdict table; exit 1 on any loss. CHAOS_ARGS='--quick' for a ~1 min run,
+## CHAOS_ARGS='--url http://127.0.0.1:3000' to load-and-check a running `make run` (no faults).
+chaos: $(STAMP)
+	$(PY) -m chaos run $(CHAOS_ARGS)
 
 ## make tools: what the static deployment tests need that pip cannot install (Debian's
 ## docker-compose 1.29.2 validates compose files with no engine). Root only; a no-op when present.
