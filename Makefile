@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Re-install only when the project's metadata changed.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint pytest test-slow venv clean tools e2e chaos
+.PHONY: run test lint pytest test-slow venv clean tools e2e chaos bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,3 +64,16 @@ e2e:
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+## make bench: wrk and hey against the balancer, the service and the whole stack, side by side
+## with HAProxy; report + plots in bench/results/. Installs wrk, hey, haproxy, nginx-light from
+## Debian when root (a missing tool skips its comparison). BENCH_ARGS='--quick' for a ~2 min
+## smoke run, BENCH_ARGS='--target http://127.0.0.1:3000' to measure a running stack.
+BENCH_STAMP := $(VENV)/.bench-$(shell cksum pyproject.toml | cut -d' ' -f1)
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	@rm -f $(VENV)/.bench-*
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m bench $(BENCH_ARGS)

@@ -1,0 +1,254 @@
+"""The markdown report: machine, versions, commands, medians with spreads, target ratios."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.stats import Results, fmt, fmt_num, summarize
+
+
+@dataclass(frozen=True)
+class Target:
+    figure: str
+    goal: str
+    #: The per-round values of the figure (ratios, or an absolute number).
+    values: Callable[[Results], list[float]]
+    at_least: bool
+    threshold: float
+    prototype: str
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("balancer keep-alive req/s ÷ HAProxy's", "≥ 1.0",
+           lambda r: r.ratios("ka_rps", "ours", "haproxy"), True, 1.0, "0.91"),
+    Target("balancer new-connection-per-request req/s ÷ HAProxy's", "≥ 0.75",
+           lambda r: r.ratios("close_rps", "ours", "haproxy"), True, 0.75, "0.57"),
+    Target("balancer bulk MiB/s ÷ HAProxy's tuned (splice-auto, bufsize 65536)", "≥ 1.0",
+           lambda r: r.ratios("bulk_mib_s", "ours", "haproxy-tuned"), True, 1.0, "1.25"),
+    Target("balancer CPU per 1,000 keep-alive requests ÷ HAProxy's", "≤ 1.0",
+           lambda r: r.ratios("ka_cpu_ms_per_1k", "ours", "haproxy"), False, 1.0, "1.2"),
+    Target("balancer RSS per idle proxied connection (KiB)", "≤ 3 KiB",
+           lambda r: r.get("idle_kib_per_conn", "ours"), False, 3.0, "2.9"),
+    Target("one replica, GET /get_var req/s ÷ `pgbench -S -M prepared -c8` tps", "≥ 0.12",
+           lambda r: r.ratios("stack_get_rps", "direct-1", "pgbench"), True, 0.12, "0.105"),
+    Target("whole stack, 2 replicas, GET via our balancer ÷ via HAProxy", "≥ 1.0",
+           lambda r: r.ratios("stack_get_rps", "ours-2", "haproxy-2"), True, 1.0, "0.93"),
+    Target("whole stack, 2 replicas, GET req/s ÷ `pgbench -S` tps", "≥ 0.2",
+           lambda r: r.ratios("stack_get_rps", "ours-2", "pgbench"), True, 0.2, "0.14"),
+)
+
+
+def verdict(t: Target, values: list[float]) -> str:
+    s = summarize(values)
+    if s is None:
+        return "not measured"
+    met = s.median >= t.threshold if t.at_least else s.median <= t.threshold
+    if met:
+        return "**met**"
+    if t.at_least:
+        return f"missed by {(1 - s.median / t.threshold) * 100:.0f}%"
+    return f"missed by {(s.median / t.threshold - 1) * 100:.0f}%"
+
+
+def targets_table(results: Results) -> str:
+    rows = ["| figure | target | measured: median [min-max of rounds] | prototype | verdict |",
+            "|---|---|---|---|---|"]
+    for t in TARGETS:
+        values = t.values(results)
+        rows.append(f"| {t.figure} | {t.goal} | {fmt(values)} | {t.prototype} | "
+                    f"{verdict(t, values)} |")
+    return "\n".join(rows)
+
+
+def _table(results: Results, rows: list[tuple[str, str, str]], variants: list[str],
+           headers: list[str]) -> str:
+    """Rows (label, metric, unit) x variants; each cell median [min-max]."""
+    out = ["| figure | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
+    for label, metric, unit in rows:
+        cells = [fmt(results.get(metric, v)) for v in variants]
+        if all(c == "-" for c in cells):
+            continue
+        out.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _ratio_row(results: Results, label: str, metric: str, a: str, b: str) -> str | None:
+    values = results.ratios(metric, a, b)
+    if not values:
+        return None
+    return f"| {label} | {fmt(values)} |"
+
+
+def balancer_section(results: Results) -> list[str]:
+    if not results.values.get("ka_rps"):
+        return []
+    variants = [v for v in ("direct", "ours", "haproxy", "haproxy-tuned")
+                if any(results.has(m, v) for m in ("ka_rps", "bulk_mib_s", "idle_kib_per_conn"))]
+    names = {"direct": "direct (no proxy)", "ours": "our balancer", "haproxy": "HAProxy 2.6",
+             "haproxy-tuned": "HAProxy tuned for bulk"}
+    rows = [
+        ("keep-alive, wrk -c64", "ka_rps", "req/s"),
+        ("new connection per request, wrk -c64 `Connection: close`", "close_rps", "req/s"),
+        ("bulk, 16 MiB body, wrk -c4", "bulk_mib_s", "MiB/s"),
+        ("proxy CPU per 1,000 keep-alive requests", "ka_cpu_ms_per_1k", "CPU ms"),
+        ("proxy CPU per 1,000 new connections", "close_cpu_ms_per_1k", "CPU ms"),
+        ("proxy CPU per GiB of bulk", "bulk_cpu_s_per_gib", "CPU s"),
+        ("backend (nginx) CPU per 1,000 keep-alive requests", "ka_backend_cpu_ms_per_1k",
+         "CPU ms"),
+        ("keep-alive p99 latency", "ka_p99_ms", "ms"),
+        ("RSS per idle proxied connection", "idle_kib_per_conn", "KiB"),
+    ]
+    lines = [
+        "## 1. The balancer alone",
+        "",
+        f"Backend: {results.meta.get('balancer_backend', '?')}. Each proxy is one process with "
+        "one thread; CPU is the proxy process's user+system time from `/proc/<pid>/stat` over "
+        "the run. Idle RSS: a fresh proxy each round, "
+        f"{results.meta.get('options', {}).get('idle', '?')} connections opened and left idle "
+        "(all verified ESTABLISHED to the backend with `ss`), VmRSS after minus before.",
+        "",
+        _table(results, rows, variants, [names[v] for v in variants]),
+        "",
+        "Ratios, taken round by round (the two were measured side by side in each round):",
+        "",
+        "| ratio | median [min-max] |",
+        "|---|---|",
+    ]
+    for row in (
+        _ratio_row(results, "keep-alive req/s: ours ÷ HAProxy", "ka_rps", "ours", "haproxy"),
+        _ratio_row(results, "keep-alive req/s: ours ÷ direct", "ka_rps", "ours", "direct"),
+        _ratio_row(results, "new-connection req/s: ours ÷ HAProxy", "close_rps", "ours",
+                   "haproxy"),
+        _ratio_row(results, "bulk MiB/s: ours ÷ HAProxy tuned", "bulk_mib_s", "ours",
+                   "haproxy-tuned"),
+        _ratio_row(results, "bulk MiB/s: ours ÷ HAProxy default", "bulk_mib_s", "ours",
+                   "haproxy"),
+        _ratio_row(results, "CPU per 1,000 keep-alive requests: ours ÷ HAProxy",
+                   "ka_cpu_ms_per_1k", "ours", "haproxy"),
+        _ratio_row(results, "CPU per 1,000 new connections: ours ÷ HAProxy",
+                   "close_cpu_ms_per_1k", "ours", "haproxy"),
+        _ratio_row(results, "CPU per GiB: ours ÷ HAProxy tuned", "bulk_cpu_s_per_gib", "ours",
+                   "haproxy-tuned"),
+        _ratio_row(results, "RSS per idle connection: ours ÷ HAProxy", "idle_kib_per_conn",
+                   "ours", "haproxy"),
+    ):
+        if row:
+            lines.append(row)
+    return [*lines, ""]
+
+
+def endpoints_section(results: Results, label: str, title: str) -> list[str]:
+    from bench.run import ENDPOINT_LABELS
+
+    metrics = [m for m in results.values if m.startswith(f"{label}_")]
+    if not metrics:
+        return []
+    lines = [
+        title,
+        "",
+        "wrk: `bench/wrk/<script>.lua`, random pre-seeded keys, `-t2 -c64`. hey: one fixed "
+        "request, `-c 64` (its POST answers 409 after the first request and its DELETE 404: one "
+        "statement each all the same). Latencies in ms.",
+        "",
+        "| endpoint | tool | req/s | p50 | p90 | p99 | non-2xx (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, pretty in ENDPOINT_LABELS.items():
+        for tool in ("wrk", "hey"):
+            metric = f"{label}_{tool}_{name}"
+            if metric not in results.values:
+                continue
+            non = summarize(results.get(metric, "non2xx"))
+            lines.append(
+                f"| {pretty} | {tool} | {fmt(results.get(metric, 'rps'))} | "
+                f"{fmt(results.get(metric, 'p50'), spread=False)} | "
+                f"{fmt(results.get(metric, 'p90'), spread=False)} | "
+                f"{fmt(results.get(metric, 'p99'), spread=False)} | "
+                f"{fmt_num(non.median) if non else '-'} |"
+            )
+    lines.append("")
+    if any(results.get(f"{label}_wrk_delete", "non2xx")):
+        lines += ["DELETE runs past its seeded `del-<thread>-<n>` keys answer 404 (still one "
+                  "statement each); the keys are re-seeded before every DELETE run.", ""]
+    return lines
+
+
+def stack_section(results: Results) -> list[str]:
+    if "stack_get_rps" not in results.values:
+        return []
+    variants = [v for v in results.values["stack_get_rps"] if v != "pgbench"]
+    lines = [
+        "## 3. The whole stack: GET /get_var?key=<random pre-seeded key>, wrk -t2 -c64",
+        "",
+        "Our balancer is `python -m lb` with the stack's defaults; HAProxy is `mode tcp`, "
+        "`nbthread 1`, round robin, over the same replica processes. `pgbench -S -M prepared "
+        "-c8 -j2` runs on the same PostgreSQL (TCP, password auth like the replicas), "
+        "interleaved with the rest.",
+        "",
+        "| path | req/s (tps for pgbench) | p50 ms | p99 ms | ÷ pgbench |",
+        "|---|---|---|---|---|",
+        f"| pgbench -S | {fmt(results.get('stack_get_rps', 'pgbench'))} | | | 1 |",
+    ]
+    for v in variants:
+        lines.append(
+            f"| {v} | {fmt(results.get('stack_get_rps', v))} | "
+            f"{fmt(results.get('stack_get_p50', v), spread=False)} | "
+            f"{fmt(results.get('stack_get_p99', v), spread=False)} | "
+            f"{fmt(results.ratios('stack_get_rps', v, 'pgbench'))} |"
+        )
+    lines += ["", "| ratio | median [min-max] |", "|---|---|"]
+    for n in (1, 2, 4):
+        row = _ratio_row(results, f"{n} replica(s): ours ÷ HAProxy", "stack_get_rps",
+                         f"ours-{n}", f"haproxy-{n}")
+        if row:
+            lines.append(row)
+    return [*lines, ""]
+
+
+def write(results: Results, path: Path, pngs: list[Path]) -> Path:
+    meta = results.meta
+    opts = meta.get("options", {})
+    lines = [
+        f"# varstack benchmark, {meta.get('started', '?')}",
+        "",
+        f"`{meta.get('argv', 'python -m bench')}`: {opts.get('rounds')} interleaved rounds "
+        f"(A B A B, order rotated each round) of {opts.get('seconds')} s per run; "
+        f"{meta.get('duration_s', '?')} s in all. Every figure is the **median of the rounds "
+        "[min-max]**; ratios are taken round by round, then the median. The machine is shared "
+        "and noisy: compare ratios, not absolute numbers across runs.",
+        "",
+        "## Targets",
+        "",
+        targets_table(results),
+        "",
+    ]
+    for png in pngs:
+        lines.append(f"![{png.stem}]({png.name})")
+    lines.append("")
+    lines += ["## Machine and versions", "", "| | |", "|---|---|"]
+    for k, v in {**meta.get("machine", {}), **meta.get("versions", {}),
+                 "varstack (git)": meta.get("git", "?")}.items():
+        lines.append(f"| {k} | {v} |")
+    lines.append("")
+    for note in meta.get("tool_notes", []):
+        lines.append(f"- {note}")
+    lines += balancer_section(results)
+    lines += endpoints_section(results, "service",
+                               "## 2. The service: each endpoint on one replica, directly")
+    lines += endpoints_section(results, "target",
+                               f"## The running stack at {meta.get('target', '?')}")
+    lines += stack_section(results)
+    lines += ["## Commands", "", "One of each kind, as run (ports are free ones picked per run; "
+              "`BENCH_KEYS=10000` in the environment for the scripts):", "", "```sh"]
+    for label, cmd in results.commands.items():
+        lines.append(f"# {label}")
+        lines.append(cmd)
+    lines += ["```", ""]
+    if results.notes:
+        lines += ["## Errors seen", ""]
+        lines += [f"- {n}" for n in results.notes[:40]]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,643 @@
+"""``make bench`` / ``python -m bench``: wrk and hey against the balancer, the service and the whole
+stack, side by side with HAProxy, then a markdown report and PNG plots in ``bench/results/``.
+
+Three sections, each comparison interleaved (A B A B, the order rotated every round) over
+``--rounds`` rounds, so that the noise of a shared machine hits every variant alike; the report
+quotes medians with the min-max spread, and ratios taken round by round:
+
+1. ``balancer``: our balancer alone in front of a backend that costs almost nothing (nginx, one
+   worker, a tiny static answer and a 16 MiB file), against HAProxy 2.6 (TCP mode, ``nbthread 1``)
+   and against direct: keep-alive req/s, one new connection per request, bulk MiB/s, CPU of the
+   proxy process per 1,000 requests and per GiB (from /proc), RSS per idle proxied connection.
+2. ``service``: each endpoint on one replica directly (wrk scripts in ``bench/wrk/``, and hey).
+3. ``stack``: GET through our balancer and through HAProxy with 1, 2 and 4 replicas, one replica
+   directly, and ``pgbench -S`` on the same PostgreSQL (the ceiling the database sets).
+
+``--target URL`` measures a stack that is already running (every endpoint through it, wrk and hey)
+instead of sections 2 and 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from bench import load, plots, report
+from bench.procs import ROOT, Proc, Procs, free_port, free_ports
+from bench.stats import Results
+from bench.tools import Tools, ensure, machine, versions
+
+RESULTS_DIR = ROOT / "bench" / "results"
+#: wrk scripts per endpoint, and the hey request that stands for each (hey sends one fixed
+#: request, so its POST answers 409 after the first and its DELETE 404: one statement each).
+ENDPOINTS: dict[str, tuple[str, str, str, str | None]] = {
+    # name: (wrk script, hey method, hey path, hey JSON body)
+    "get_query": ("get_query.lua", "GET", "/get_var?key=bench-1", None),
+    "get_body": ("get_body.lua", "GET", "/get_var", '{"key": "bench-2"}'),
+    "set": ("set.lua", "POST", "/set_var", '{"key": "bench-3", "value": "v"}'),
+    "edit": ("edit.lua", "PUT", "/edit_var", '{"key": "bench-4", "value": "hey"}'),
+    "delete": ("delete.lua", "DELETE", "/delete_var?key=hey-gone", None),
+    "mix": ("mix.lua", "", "", None),
+}
+ENDPOINT_LABELS = {
+    "get_query": "GET /get_var?key=",
+    "get_body": "GET /get_var + JSON body",
+    "set": "POST /set_var (new keys)",
+    "edit": "PUT /edit_var",
+    "delete": "DELETE /delete_var",
+    "mix": "mix (80% GET, 15% PUT, 5% POST)",
+}
+SERVER_COUNTS = (1, 2, 4)
+BENCH_KEYS = 10000
+WRK_THREADS_SERVICE = 2  # the README's command line: wrk -t2 -c64
+CONNECTIONS = 64
+BULK_CONNECTIONS = 4
+
+
+@dataclass
+class Options:
+    rounds: int
+    seconds: float
+    idle: int
+    quick: bool
+    sections: tuple[str, ...]
+    target: str | None
+    out: Path
+    install: bool
+    bench_keys: int
+    replot: Path | None = None
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[{int(elapsed) // 60:2d}:{int(elapsed) % 60:02d}] {text}", flush=True)
+
+
+say = Progress()
+
+
+def rotate(items: Sequence[str], round_no: int) -> list[str]:
+    """The variants in a different order each round (A B, then B A, ...): no position bias."""
+    k = round_no % len(items)
+    order = [*items[k:], *items[:k]]
+    return order if round_no % 2 == 0 else order[::-1]
+
+
+def _record(results: Results, section: str, metric: str, variant: str, round_no: int,
+            res: load.LoadResult, **extra: float) -> None:
+    results.runs.append({"section": section, "metric": metric, "variant": variant,
+                         "round": round_no, **asdict(res), **extra})
+    if res.errors or res.non_2xx:
+        results.notes.append(
+            f"{section}/{metric}/{variant} round {round_no + 1}: {res.errors} socket errors, "
+            f"{res.non_2xx} non-2xx/3xx answers ({res.requests} requests)"
+        )
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# --- section 1: the balancer alone -------------------------------------------------------------
+
+
+def _established_to(port: int) -> int:
+    """Established TCP connections whose remote port is ``port`` (proxy -> backend)."""
+    done = subprocess.run(["ss", "-Htn", "state", "established", f"( dport = :{port} )"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    return len([line for line in done.stdout.splitlines() if line.strip()])
+
+
+def idle_rss_per_conn(proxy: Proc, backend_port: int, count: int) -> float:
+    """RSS growth of the proxy, KiB per idle proxied connection, with ``count`` of them open."""
+    load.run_wrk(f"http://127.0.0.1:{proxy.port}/", seconds=1, connections=8)  # warm the paths
+    time.sleep(0.5)
+    before = load.rss_kib(proxy.pid)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            socks.append(sock)
+        deadline = time.monotonic() + 30
+        while _established_to(backend_port) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        connected = _established_to(backend_port)
+        if connected < count:
+            raise RuntimeError(f"only {connected} of {count} connections reached the backend")
+        time.sleep(1.0)
+        after = load.rss_kib(proxy.pid)
+    finally:
+        for sock in socks:
+            sock.close()
+    return (after - before) / count
+
+
+def section_balancer(procs: Procs, tools: Tools, opts: Options, results: Results) -> None:
+    wrk = tools.path("wrk")
+    if tools.has("nginx"):
+        backend = procs.nginx(tools.path("nginx"))
+        backend_name = "nginx (1 worker, 3-byte answer, 16 MiB /bulk)"
+    else:
+        backend = procs.responder()
+        backend_name = "minimal uvloop responder (nginx missing)"
+    results.meta["balancer_backend"] = backend_name
+    proxies: dict[str, Proc] = {"direct": backend}
+    proxies["ours"] = procs.ours([backend.port])
+    if tools.has("haproxy"):
+        proxies["haproxy"] = procs.haproxy(tools.path("haproxy"), [backend.port])
+        proxies["haproxy-tuned"] = procs.haproxy(tools.path("haproxy"), [backend.port], tuned=True)
+    else:
+        say("HAProxy missing: section 1 compares ours with direct only")
+    say(f"balancer: backend {backend_name} on :{backend.port}; proxies "
+        + ", ".join(f"{k} :{p.port}" for k, p in proxies.items() if k != "direct"))
+    small = [v for v in ("direct", "ours", "haproxy") if v in proxies]
+    bulk = [v for v in ("direct", "ours", "haproxy-tuned", "haproxy") if v in proxies]
+    for name in bulk:  # warm-up: every path once
+        load.run_wrk(f"http://127.0.0.1:{proxies[name].port}/", seconds=1, connections=16, wrk=wrk)
+    secs = opts.seconds
+    for rnd in range(opts.rounds):
+        say(f"balancer round {rnd + 1}/{opts.rounds}: keep-alive, new connection, bulk")
+        for variant in rotate(small, rnd):
+            proc = proxies[variant]
+            url = f"http://127.0.0.1:{proc.port}/"
+            cpu0, be0 = load.cpu_seconds(proc.pid), load.cpu_seconds(backend.pid)
+            res = load.run_wrk(url, seconds=secs, connections=CONNECTIONS, wrk=wrk)
+            cpu, be = load.cpu_seconds(proc.pid) - cpu0, load.cpu_seconds(backend.pid) - be0
+            results.add("ka_rps", variant, res.rps)
+            results.add("ka_cpu_ms_per_1k", variant, cpu / res.requests * 1e6)
+            results.add("ka_backend_cpu_ms_per_1k", variant, be / res.requests * 1e6)
+            results.add("ka_p99_ms", variant, res.latency_ms.get("p99", 0.0))
+            _record(results, "balancer", "keep-alive", variant, rnd, res, cpu_s=cpu)
+            results.commands.setdefault("keep-alive", res.command)
+        for variant in rotate(small, rnd):
+            proc = proxies[variant]
+            url = f"http://127.0.0.1:{proc.port}/"
+            cpu0 = load.cpu_seconds(proc.pid)
+            res = load.run_wrk(url, seconds=secs, connections=CONNECTIONS,
+                               headers=("Connection: close",), wrk=wrk)
+            cpu = load.cpu_seconds(proc.pid) - cpu0
+            results.add("close_rps", variant, res.rps)
+            results.add("close_cpu_ms_per_1k", variant, cpu / res.requests * 1e6)
+            _record(results, "balancer", "new-connection", variant, rnd, res, cpu_s=cpu)
+            results.commands.setdefault("new connection per request", res.command)
+        for variant in rotate(bulk, rnd):
+            proc = proxies[variant]
+            url = f"http://127.0.0.1:{proc.port}/bulk"
+            cpu0 = load.cpu_seconds(proc.pid)
+            res = load.run_wrk(url, seconds=secs, connections=BULK_CONNECTIONS, wrk=wrk)
+            cpu = load.cpu_seconds(proc.pid) - cpu0
+            results.add("bulk_mib_s", variant, res.mib_s)
+            results.add("bulk_cpu_s_per_gib", variant, cpu / (res.bytes_read / (1 << 30)))
+            _record(results, "balancer", "bulk", variant, rnd, res, cpu_s=cpu)
+            results.commands.setdefault("bulk (16 MiB body)", res.command)
+        summary = ", ".join(
+            f"{v} {results.get('ka_rps', v)[-1]:.0f}/{results.get('close_rps', v)[-1]:.0f} req/s "
+            f"{results.get('bulk_mib_s', v)[-1]:.0f} MiB/s" for v in small)
+        say(f"  keep-alive/new-conn/bulk: {summary}")
+    # Idle connections: a fresh proxy each time (no free lists left over from the load runs).
+    idle_variants = [v for v in ("ours", "haproxy") if v in proxies]
+    for name in idle_variants:
+        procs.stop(proxies[name])
+    if "haproxy-tuned" in proxies:
+        procs.stop(proxies["haproxy-tuned"])
+    for rnd in range(opts.rounds):
+        for variant in rotate(idle_variants, rnd):
+            if variant == "ours":
+                proc = procs.ours([backend.port])
+            else:
+                proc = procs.haproxy(tools.path("haproxy"), [backend.port])
+            try:
+                kib = idle_rss_per_conn(proc, backend.port, opts.idle)
+            finally:
+                procs.stop(proc)
+            results.add("idle_kib_per_conn", variant, kib)
+            say(f"idle round {rnd + 1}/{opts.rounds}: {variant} {kib:.2f} KiB per idle "
+                f"connection ({opts.idle} open)")
+    results.commands.setdefault(
+        "idle connections",
+        f"{opts.idle} TCP connections opened through the proxy and left idle; RSS (VmRSS) of "
+        "the proxy process before and after, divided by the count",
+    )
+    procs.stop(backend)
+
+
+# --- sections 2 and 3: the service and the whole stack -----------------------------------------
+
+
+def pgbench_cmd(port: int, seconds: float, dbname: str) -> list[str]:
+    from stack.pg import _bin_dir
+
+    return [str(_bin_dir() / "pgbench"), "-S", "-M", "prepared", "-c8", "-j2",
+            "-T", str(max(1, round(seconds))), "-n", "-h", "127.0.0.1", "-p", str(port),
+            "-U", "postgres", dbname]
+
+
+def _pg_user() -> dict[str, Any]:
+    from stack.pg import _as_user, _run_as
+
+    return dict(_as_user(_run_as()))
+
+
+def run_pgbench(port: int, password: str, seconds: float, dbname: str = "pgbench") -> float:
+    cmd = pgbench_cmd(port, seconds, dbname)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False,
+                          env={**os.environ, "PGPASSWORD": password}, cwd="/", **_pg_user())
+    if done.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-400:]}")
+    for line in done.stdout.splitlines():
+        if line.startswith("tps ="):
+            return float(line.split()[2])
+    raise RuntimeError(f"no tps in pgbench output:\n{done.stdout}")
+
+
+def init_pgbench(port: int, password: str) -> None:
+    from stack.pg import _bin_dir
+
+    env = {**os.environ, "PGPASSWORD": password}
+    base = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+    subprocess.run([str(_bin_dir() / "psql"), *base, "-d", "postgres", "-qc",
+                    "DROP DATABASE IF EXISTS pgbench", "-c", "CREATE DATABASE pgbench"],
+                   capture_output=True, text=True, timeout=60, check=True, env=env, cwd="/",
+                   **_pg_user())
+    subprocess.run([str(_bin_dir() / "pgbench"), "-i", "-q", "-s", "1", *base, "pgbench"],
+                   capture_output=True, text=True, timeout=300, check=True, env=env, cwd="/",
+                   **_pg_user())
+
+
+async def seed_sql(dsn: str, keys: int, delete_per_thread: int, threads: int) -> None:
+    """Pre-seed ``bench-0..keys-1`` and ``del-<thread>-<n>`` in one statement each."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO public.variables (key, value) "
+            "SELECT 'bench-' || g, 'value-' || g FROM generate_series(0, $1::int - 1) g "
+            "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", keys)
+        await conn.execute(
+            "INSERT INTO public.variables (key, value) "
+            "SELECT 'del-' || t || '-' || n, 'v' FROM generate_series(1, $1::int) t, "
+            "generate_series(1, $2::int) n ON CONFLICT (key) DO NOTHING",
+            threads, delete_per_thread)
+        await conn.execute("ANALYZE public.variables")
+    finally:
+        await conn.close()
+
+
+async def seed_http(url: str, keys: int, delete_per_thread: int, threads: int) -> None:
+    """Pre-seed through the API (``--target``): POST every key (409s are fine), 32 at a time."""
+    import aiohttp
+
+    names = [f"bench-{i}" for i in range(keys)]
+    names += [f"del-{t}-{n}" for t in range(1, threads + 1)
+              for n in range(1, delete_per_thread + 1)]
+    queue = iter(names)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for key in queue:
+            async with session.post(f"{url}/set_var",
+                                    json={"key": key, "value": f"value-{key}"}) as resp:
+                await resp.read()
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session) for _ in range(32)))
+
+
+def measure_endpoints(url: str, label: str, tools: Tools, opts: Options, results: Results,
+                      reseed: Callable[[], None]) -> None:
+    """Every endpoint on ``url``: wrk (scripts, random pre-seeded keys) and hey (one request)."""
+    wrk = tools.path("wrk")
+    env = {"BENCH_KEYS": str(opts.bench_keys)}
+    load.run_wrk(f"{url}/get_var?key=bench-1", seconds=1, connections=16, wrk=wrk)  # warm-up
+    for rnd in range(opts.rounds):
+        say(f"{label} round {rnd + 1}/{opts.rounds}: wrk " + " ".join(ENDPOINTS)
+            + (" + hey" if tools.has("hey") else ""))
+        line = []
+        for name in rotate(list(ENDPOINTS), rnd):
+            script = ENDPOINTS[name][0]
+            if name == "delete":
+                reseed()
+            res = load.run_wrk(url, seconds=opts.seconds, connections=CONNECTIONS,
+                               threads=WRK_THREADS_SERVICE, script=script, env=env, wrk=wrk)
+            metric = f"{label}_wrk_{name}"
+            results.add(metric, "rps", res.rps)
+            for p, v in res.latency_ms.items():
+                results.add(metric, p, v)
+            results.add(metric, "non2xx", float(res.non_2xx))
+            results.add(metric, "errors", float(res.errors))
+            if name != "delete":  # deletes run past the seeded keys: 404s expected
+                _record(results, label, f"wrk {name}", "direct", rnd, res)
+            else:
+                results.runs.append({"section": label, "metric": "wrk delete", "round": rnd,
+                                     **asdict(res)})
+            results.commands.setdefault(f"{label} wrk {name}", res.command)
+            line.append(f"{name} {res.rps:.0f}")
+        if tools.has("hey"):
+            for name in rotate([n for n in ENDPOINTS if ENDPOINTS[n][1]], rnd):
+                _, method, path, body = ENDPOINTS[name]
+                res = load.run_hey(f"{url}{path}", seconds=opts.seconds, connections=CONNECTIONS,
+                                   method=method, body=body, hey=tools.path("hey"))
+                metric = f"{label}_hey_{name}"
+                results.add(metric, "rps", res.rps)
+                for p, v in res.latency_ms.items():
+                    results.add(metric, p, v)
+                results.add(metric, "errors", float(res.errors))
+                results.runs.append({"section": label, "metric": f"hey {name}", "round": rnd,
+                                     **asdict(res)})
+                results.commands.setdefault(f"{label} hey {name}", res.command)
+                line.append(f"hey-{name} {res.rps:.0f}")
+        say("  req/s: " + ", ".join(line))
+
+
+def section_stack_measure(stack_info: dict[str, Any], procs: Procs, tools: Tools, opts: Options,
+                          results: Results, seed: Callable[[], None]) -> None:
+    """Sections 2 and 3 on a running stack (called in a thread: the stack's loop keeps going)."""
+    wrk = tools.path("wrk")
+    ports: list[int] = stack_info["replica_ports"]
+    pg_port: int = stack_info["pg_port"]
+    password: str = stack_info["pg_password"]
+    env = {"BENCH_KEYS": str(opts.bench_keys)}
+    if "service" in opts.sections:
+        measure_endpoints(f"http://127.0.0.1:{ports[0]}", "service", tools, opts, results, seed)
+    if "stack" not in opts.sections:
+        return
+    say("stack: pgbench -i (scale 1) on the stack's PostgreSQL; balancers for 1, 2, 4 replicas")
+    init_pgbench(pg_port, password)
+    results.commands["pgbench"] = load.display(pgbench_cmd(pg_port, opts.seconds, "pgbench"))
+    targets: dict[str, int] = {"direct-1": ports[0]}
+    for n in SERVER_COUNTS:
+        if n > len(ports):
+            continue
+        # Our balancer exactly as the stack runs it (python -m lb, its defaults), on a subset.
+        targets[f"ours-{n}"] = procs.ours(ports[:n], extra_env={
+            "LB_MAX_CONNECTIONS": "4096", "LB_BACKLOG": "1024"}).port
+        if tools.has("haproxy"):
+            targets[f"haproxy-{n}"] = procs.haproxy(tools.path("haproxy"), ports[:n]).port
+    variants = ["pgbench", *targets]
+    for name, port in targets.items():  # warm-up: pools filled, code paths hot
+        load.run_wrk(f"http://127.0.0.1:{port}/get_var?key=bench-1", seconds=1,
+                     connections=CONNECTIONS, threads=WRK_THREADS_SERVICE, wrk=wrk)
+        say(f"  warmed {name} (:{port})")
+    run_pgbench(pg_port, password, 1)
+    for rnd in range(opts.rounds):
+        say(f"stack round {rnd + 1}/{opts.rounds}: " + " ".join(rotate(variants, rnd)))
+        line = []
+        for variant in rotate(variants, rnd):
+            if variant == "pgbench":
+                tps = run_pgbench(pg_port, password, opts.seconds)
+                results.add("stack_get_rps", "pgbench", tps)
+                line.append(f"pgbench {tps:.0f} tps")
+                continue
+            res = load.run_wrk(f"http://127.0.0.1:{targets[variant]}", seconds=opts.seconds,
+                               connections=CONNECTIONS, threads=WRK_THREADS_SERVICE,
+                               script="get_query.lua", env=env, wrk=wrk)
+            results.add("stack_get_rps", variant, res.rps)
+            for p, v in res.latency_ms.items():
+                results.add(f"stack_get_{p}", variant, v)
+            _record(results, "stack", "GET", variant, rnd, res)
+            results.commands.setdefault("stack GET", res.command)
+            line.append(f"{variant} {res.rps:.0f}")
+        say("  " + ", ".join(line))
+
+
+async def with_stack(procs: Procs, tools: Tools, opts: Options, results: Results) -> None:
+    from stack import Stack, StackConfig
+    from stack.process import Output
+
+    count = max(SERVER_COUNTS) if "stack" in opts.sections else 1
+    env = {**os.environ, "SERVICE_ACCESS_LOG": "off", "SERVICE_LOG_LEVEL": "warning",
+           "LB_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
+    data_dir = procs.dir / "stack"
+    config = StackConfig.from_env(
+        env, server_count=count, lb_host="127.0.0.1", lb_port=free_port(), lb_admin_port=0,
+        backend_port=free_ports(count), data_dir=data_dir, embedded_pg_port=free_port(),
+    )
+    log_path = procs.dir / "stack.log"
+    say(f"stack: starting embedded PostgreSQL + {count} replica(s) + balancer "
+        f"(log: {log_path})")
+    with log_path.open("w") as log:
+        stack = Stack(config, output=Output(log))
+        try:
+            await stack.start()
+            assert stack.database is not None
+            db = stack.database
+            results.meta["stack"] = {"replicas": count, "balancer": stack.url,
+                                     "replica_ports": config.replica_ports}
+            per_thread = max(5000, int(opts.seconds * 6000))
+
+            def seed() -> None:
+                asyncio.run(seed_sql(db.dsn, opts.bench_keys, per_thread, WRK_THREADS_SERVICE))
+
+            await asyncio.to_thread(seed)
+            say(f"stack: ready at {stack.url}; seeded {opts.bench_keys} keys bench-N and "
+                f"{WRK_THREADS_SERVICE}x{per_thread} del-T-N keys")
+            info = {"replica_ports": config.replica_ports, "pg_port": db.port,
+                    "pg_password": db.password}
+            await asyncio.to_thread(section_stack_measure, info, procs, tools, opts, results,
+                                    seed)
+        except BaseException:
+            log.flush()
+            print("stack log (last lines):\n" + "\n".join(
+                log_path.read_text(errors="replace").splitlines()[-30:]), file=sys.stderr)
+            raise
+        finally:
+            say("stack: stopping")
+            await stack.stop()
+
+
+def section_target(tools: Tools, opts: Options, results: Results) -> None:
+    assert opts.target is not None
+    url = opts.target.rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise SystemExit(f"--target must be an http:// URL, got {opts.target!r}")
+    per_thread = 2000
+    say(f"target {url}: seeding {opts.bench_keys} keys and {WRK_THREADS_SERVICE}x{per_thread} "
+        "delete keys through the API")
+
+    def seed() -> None:
+        asyncio.run(seed_http(url, opts.bench_keys, per_thread, WRK_THREADS_SERVICE))
+
+    seed()
+    results.meta["target"] = url
+    measure_endpoints(url, "target", tools, opts, results, seed)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 3 rounds of 1 s, 1,000 idle connections (~2 min)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick: 3)")
+    parser.add_argument("--seconds", type=float, help="seconds per load run (default 2)")
+    parser.add_argument("--idle", type=int, help="idle connections for the RSS figure (5000)")
+    parser.add_argument("--sections", default=None,
+                        help="comma-separated: balancer,service,stack (default: all; with "
+                             "--target: target)")
+    parser.add_argument("--target", help="measure this running stack (http://host:port) instead "
+                                         "of starting one")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="where the report and plots go (default bench/results)")
+    parser.add_argument("--no-install", action="store_true",
+                        help="do not apt-get install missing tools")
+    parser.add_argument("--replot", type=Path, metavar="RAW_JSON",
+                        help="rewrite the report and plots from bench/results/raw/<run>.json")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 5)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if args.sections:
+        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    else:
+        sections = ("target",) if args.target else ("balancer", "service", "stack")
+    bad = set(sections) - {"balancer", "service", "stack", "target"}
+    if bad:
+        parser.error(f"unknown sections: {', '.join(sorted(bad))}")
+    if "target" in sections and not args.target:
+        parser.error("the target section needs --target URL")
+    return Options(
+        rounds=rounds,
+        seconds=args.seconds or (1.0 if args.quick else 2.0),
+        idle=args.idle or (1000 if args.quick else 5000),
+        quick=args.quick,
+        sections=sections,
+        target=args.target,
+        out=args.out,
+        install=not args.no_install,
+        bench_keys=BENCH_KEYS,
+        replot=args.replot,
+    )
+
+
+@contextlib.contextmanager
+def _terminate_on_signal() -> Iterator[None]:
+    """SIGTERM behaves like Ctrl-C: every process we started is stopped on the way out."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _section(name: str, results: Results, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except (Exception, subprocess.SubprocessError) as exc:
+        traceback.print_exc()
+        say(f"section {name} failed: {exc}; the report keeps what was measured")
+        results.notes.append(f"section {name} FAILED: {type(exc).__name__}: {exc}")
+
+
+def _git() -> str:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "--no-optional-locks", "-C", str(ROOT), *args],
+                                  capture_output=True, text=True, timeout=10,
+                                  check=False).stdout.strip()
+        except OSError:
+            return ""
+
+    head = git("rev-parse", "--short", "HEAD") or "?"
+    dirty = len(git("status", "--porcelain", "--untracked-files=no").splitlines())
+    return f"{head}" + (f" + {dirty} modified files" if dirty else "")
+
+
+def write_outputs(results: Results, out: Path, stem: str) -> None:
+    pngs = plots.write_all(results, out, stem)
+    md = report.write(results, out / f"{stem}.md", pngs)
+    say(f"report: {md.relative_to(ROOT) if md.is_relative_to(ROOT) else md}")
+    for png in pngs:
+        say(f"plot:   {png.relative_to(ROOT) if png.is_relative_to(ROOT) else png}")
+    print()
+    print(report.targets_table(results))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_args(argv)
+    if opts.replot is not None:
+        raw = json.loads(opts.replot.read_text())
+        results = Results(values=raw["values"], runs=raw["runs"], commands=raw["commands"],
+                          notes=raw["notes"], meta=raw["meta"])
+        write_outputs(results, opts.out, opts.replot.stem)
+        return 0
+    _raise_nofile()
+    say(f"varstack bench: sections {', '.join(opts.sections)}; {opts.rounds} rounds of "
+        f"{opts.seconds:g} s per run" + (" (quick)" if opts.quick else ""))
+    tools = ensure(["wrk", "hey", "haproxy", "nginx"], install=opts.install, say=say)
+    for note in tools.notes:
+        say(note)
+    if not tools.has("wrk"):
+        print("wrk is required (Debian: apt-get install wrk)", file=sys.stderr)
+        return 1
+    results = Results()
+    started = dt.datetime.now().astimezone()
+    results.meta.update({
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "versions": versions(tools),
+        "options": {"rounds": opts.rounds, "seconds": opts.seconds, "idle": opts.idle,
+                    "quick": opts.quick, "sections": list(opts.sections),
+                    "target": opts.target},
+        "git": _git(),
+        "argv": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
+        "tool_notes": tools.notes,
+    })
+    procs = Procs()
+    clock = time.monotonic()
+    try:
+        with _terminate_on_signal():
+            # A section that fails is reported and the next one runs: what was measured is kept.
+            if "balancer" in opts.sections:
+                _section("balancer", results, section_balancer, procs, tools, opts, results)
+            if "service" in opts.sections or "stack" in opts.sections:
+                _section("service/stack", results,
+                         lambda: asyncio.run(with_stack(procs, tools, opts, results)))
+            if "target" in opts.sections:
+                _section("target", results, section_target, tools, opts, results)
+    except KeyboardInterrupt:
+        say("interrupted: stopping everything started")
+        return 130
+    finally:
+        procs.stop_all()
+    results.meta["duration_s"] = round(time.monotonic() - clock)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    stem = started.strftime("%Y-%m-%d") + ("-quick" if opts.quick else "")
+    if opts.target:
+        stem += "-target"
+    raw_dir = opts.out / "raw"
+    raw_dir.mkdir(exist_ok=True)
+    (raw_dir / f"{stem}.json").write_text(json.dumps(results.to_json(), indent=1))
+    write_outputs(results, opts.out, stem)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
