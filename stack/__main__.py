@@ -3,8 +3,10 @@
 Uvicorn's shape: the configuration is read once; the signal handlers only set a flag (a
 second signal sets the force flag, which turns every drain into a kill); one ordered
 shutdown runs whatever stopped the stack (a signal, or a process past its restart policy).
+SIGHUP (the terminal closed, the SSH session dropped) stops it like SIGTERM: the children
+run in sessions of their own, so nothing else would stop them.
 Exit status: 0 after a signal, 1 when the stack could not start or failed, 2 for a bad
-configuration.
+configuration (the supervisor's own, or a replica's or the balancer's, checked up front).
 """
 
 from __future__ import annotations
@@ -18,11 +20,16 @@ from collections.abc import Sequence
 from stack.config import ConfigError, StackConfig
 from stack.supervisor import Stack, StackError
 
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def serve(config: StackConfig) -> int:
     stack = Stack(config)
+    try:
+        stack.check_config()
+    except ConfigError as exc:
+        print(f"varstack-stack: configuration error: {exc}", file=sys.stderr)
+        return 2
     should_exit = asyncio.Event()
     loop = asyncio.get_running_loop()
 

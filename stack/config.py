@@ -20,7 +20,7 @@ from typing import Any
 
 from common.env import ConfigError, integer, seconds
 
-__all__ = ["ENV_VARS", "SETTINGS", "ConfigError", "StackConfig"]
+__all__ = ["ENV_VARS", "SETTINGS", "ConfigError", "StackConfig", "host_port"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,13 +152,27 @@ class StackConfig:
         return cls(**values)
 
     def redacted(self) -> dict[str, Any]:
+        """The settings for the start-up line: the password hidden, and only the database
+        settings that apply (the embedded one's, or the external one's)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "environ"}
-        out["pg_password"] = "***" if self.pg_password else ""
+        if self.embedded:
+            for name in ("pg_host", "pg_port", "pg_password"):
+                del out[name]
+            out["embedded_pg_port"] = self.embedded_pg_port or "a free one"
+        else:
+            del out["data_dir"], out["embedded_pg_port"]
+            out["pg_password"] = "***" if self.pg_password else ""
         return out
 
 
 def _reachable(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address in brackets (``[::1]:5001``), as URLs and
+    ``LB_BACKENDS`` write it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _text(name: str, raw: str) -> str:

@@ -6,13 +6,16 @@ window: 120s``): only a non-zero exit is restarted, after the delay, and at most
 says so, as a container does.
 
 Each child runs in its own session, so a Ctrl-C in the terminal reaches the supervisor
-alone and the supervisor decides the order in which children stop.
+alone and the supervisor decides the order in which children stop.  On Linux each child also
+asks the kernel for SIGTERM when the supervisor dies (``PR_SET_PDEATHSIG``), so a supervisor
+killed with SIGKILL leaves no replica or balancer behind.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import sys
@@ -36,8 +39,36 @@ class Output:
         try:
             self.stream.write(f"{name:<{NAME_WIDTH}}| {text.rstrip()}\n")
             self.stream.flush()
-        except (BrokenPipeError, ValueError):  # the reader went away; the stack still stops
+        except (OSError, ValueError):
+            # The reader went away (a closed pipe; EIO from a hung-up terminal); the stack
+            # still stops, silently.
             pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies (Linux).
+
+    The kernel sends it when the *thread* that forked the child exits, so spawn from a
+    thread that lives as long as the supervisor (the event loop's).  None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        # The parent may have died between fork() and prctl(): then no signal would come.
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
 
 
 @dataclass
@@ -75,18 +106,21 @@ class Child:
         output: Output,
         policy: RestartPolicy,
         *,
-        on_give_up: Callable[[Child], None] | None = None,
+        on_end: Callable[[Child], None] | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = dict(env)
         self.output = output
         self.policy = policy
-        self.on_give_up = on_give_up
+        #: Called when the child has ended for good while not being stopped: it exited with
+        #: status 0 (not restarted, as compose's on-failure) or its restart policy gave up.
+        self.on_end = on_end
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.exit_codes: list[int] = []
-        self.gave_up = False
+        self.gave_up = False  # the restart policy gave up on it
+        self.ended = False  # it will not run again: gave up, or exited 0 (not restarted)
         self.started = asyncio.Event()  # set at every (re)start; cleared at exit
         self._stopping = False
         self._pump: asyncio.Task[None] | None = None
@@ -111,6 +145,7 @@ class Child:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         self._pump = asyncio.create_task(self._copy_output(self.proc), name=f"{self.name}-output")
         if self._stopping:  # stop() ran while this restart was being spawned
@@ -149,6 +184,7 @@ class Child:
                 return
             if code == 0:
                 self.log("exited with status 0; not restarted (restart policy: on-failure)")
+                self._end()
                 return
             if not self.policy.allow():
                 self.gave_up = True
@@ -156,8 +192,7 @@ class Child:
                     f"exited with status {code}; not restarted: {self.policy.max_attempts} "
                     f"restarts within {self.policy.window:g}s already"
                 )
-                if self.on_give_up is not None:
-                    self.on_give_up(self)
+                self._end()
                 return
             self.log(f"exited with status {code}; restarting in {self.policy.delay:g}s")
             await asyncio.sleep(self.policy.delay)
@@ -165,6 +200,11 @@ class Child:
                 return
             self.restarts += 1
             await self.start()
+
+    def _end(self) -> None:
+        self.ended = True
+        if self.on_end is not None:
+            self.on_end(self)
 
     def signal(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the child's whole process group (it leads its own session)."""

@@ -21,10 +21,15 @@ import os
 import secrets
 import socket
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from stack.config import StackConfig, _reachable
+import lb.config
+import services.config
+from common.loops import loop_factory
+from stack.config import ConfigError, StackConfig, _reachable, host_port
 from stack.pg import EmbeddedPostgres, EmbeddedPostgresError, StopMode, free_port
 from stack.process import Child, Output, RestartPolicy
 
@@ -33,11 +38,26 @@ DATABASE = "database"
 BALANCER = "load_balancer"
 # How long PostgreSQL gets for a fast shutdown (compose.yaml's stop_grace_period for it).
 DATABASE_STOP_TIMEOUT = 30.0
+#: Connections the embedded PostgreSQL allows beyond the replicas' pools: psql and other
+#: tools, a replica's old connections not yet closed when it restarts.
+DATABASE_CONNECTIONS_HEADROOM = 20
+#: PostgreSQL's own default max_connections, all a server is known to allow unchecked.
+POSTGRES_DEFAULT_MAX_CONNECTIONS = 100
+#: Beyond this the embedded PostgreSQL's shared memory (per-slot lock tables, ...) grows past
+#: what a laptop or a small VM has: refuse the configuration rather than fail at start.
+DATABASE_MAX_CONNECTIONS = 10000
 _PACKAGES = str(Path(__file__).resolve().parent.parent)
 
 
 class StackError(RuntimeError):
     """The stack could not start (the message says which part and why)."""
+
+
+def database_connections(server_count: int, pool_max_size: int) -> int:
+    """max_connections for the embedded PostgreSQL: every replica's full pool, plus headroom
+    (and never below PostgreSQL's default)."""
+    return max(POSTGRES_DEFAULT_MAX_CONNECTIONS,
+               server_count * pool_max_size + DATABASE_CONNECTIONS_HEADROOM)
 
 
 async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> int:
@@ -47,7 +67,8 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
         async with asyncio.timeout(timeout):
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+                f"GET {path} HTTP/1.1\r\nHost: {host_port(host, port)}\r\n"
+                "Connection: close\r\n\r\n".encode()
             )
             await writer.drain()
             status_line = await reader.readline()
@@ -98,6 +119,10 @@ class Stack:
         self.ready = False
         self._db_policy = self._policy()
         self._db_starting: asyncio.Future[None] | None = None
+        # Set by stop(): a database start still running in its thread stops what it started.
+        self._db_cancel = threading.Event()
+        self._service_config: services.config.Config | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._stopped = False
@@ -106,13 +131,19 @@ class Stack:
 
     @property
     def url(self) -> str:
-        return f"http://{self.config.client_host}:{self.config.lb_port}"
+        return f"http://{host_port(self.config.client_host, self.config.lb_port)}"
 
     @property
     def admin_url(self) -> str | None:
         if not self.config.lb_admin_port:
             return None
-        return f"http://{self.config.admin_client_host}:{self.config.lb_admin_port}"
+        return f"http://{host_port(self.config.admin_client_host, self.config.lb_admin_port)}"
+
+    @property
+    def replica_addresses(self) -> list[str]:
+        """Where the balancer (and a person) reaches each replica: ``host:port``."""
+        host = _reachable(self.config.backend_host)
+        return [host_port(host, port) for port in self.config.replica_ports]
 
     @property
     def processes(self) -> list[Child]:
@@ -137,7 +168,11 @@ class Stack:
     async def start(self) -> None:
         """Start everything and return once a request through the balancer succeeds.
 
-        On any failure (or cancellation) what was started is stopped before this raises."""
+        On any failure (or cancellation) what was started is stopped before this raises.
+        A setting the programs would refuse raises :class:`ConfigError` before anything
+        starts."""
+        self._loop = asyncio.get_running_loop()
+        self.check_config()
         try:
             self._check_ports()
             async with asyncio.timeout(self.config.ready_timeout):
@@ -155,6 +190,36 @@ class Stack:
             raise
         self.ready = True
 
+    def check_config(self) -> services.config.Config:
+        """Validate the replicas' and the balancer's settings as they will read them, with
+        the environment each will get, before anything starts (a bad ``SERVICE_*`` or
+        ``LB_*`` is exit 2 at once, not a restart loop). Raises :class:`ConfigError`;
+        returns a replica's configuration."""
+        cfg = self.config
+        if cfg.embedded:  # its port and password are known once it runs: stand-ins
+            pg_env = {"PGSQL_HOST": "127.0.0.1", "PGSQL_PORT": str(cfg.embedded_pg_port or 5432),
+                      "PGSQL_DBNAME": cfg.pg_dbname, "PGSQL_USER": cfg.pg_user,
+                      "PGSQL_PASSWORD": "-"}
+        else:
+            pg_env = self._external_pg_env()
+        service = None
+        for i, port in enumerate(cfg.replica_ports, 1):
+            service = services.config.load_config(self._replica_env(i, port, pg_env), argv=[])
+        assert service is not None
+        loop_factory(service.loop, variable="SERVICE_LOOP")
+        balancer = lb.config.Config.from_env(self._balancer_env(), argv=[])
+        loop_factory(balancer.loop, variable="LB_LOOP")
+        if cfg.embedded:
+            wanted = database_connections(cfg.server_count, service.pool_max_size)
+            if wanted > DATABASE_MAX_CONNECTIONS:
+                raise ConfigError(
+                    f"SERVER_COUNT {cfg.server_count} x SERVICE_POOL_MAX_SIZE "
+                    f"{service.pool_max_size} needs {wanted} database connections; the embedded "
+                    f"PostgreSQL allows at most {DATABASE_MAX_CONNECTIONS}: lower one of them"
+                )
+        self._service_config = service
+        return service
+
     def _check_ports(self) -> None:
         cfg = self.config
         wanted = [(cfg.lb_host, cfg.lb_port, "LB_PORT")]
@@ -170,18 +235,31 @@ class Stack:
         cfg = self.config
         return RestartPolicy(cfg.restart_max_attempts, cfg.restart_window, cfg.restart_delay)
 
+    def _external_pg_env(self) -> dict[str, str]:
+        cfg = self.config
+        return {
+            "PGSQL_HOST": cfg.pg_host,
+            "PGSQL_PORT": str(cfg.pg_port),
+            "PGSQL_DBNAME": cfg.pg_dbname,
+            "PGSQL_USER": cfg.pg_user,
+            "PGSQL_PASSWORD": cfg.pg_password,
+        }
+
     async def _start_database(self) -> dict[str, str]:
         """The ``PGSQL_*`` the replicas get: the external database's, or the embedded one's."""
         cfg = self.config
+        pool_max = self._service_config.pool_max_size if self._service_config else 10
+        connections = cfg.server_count * pool_max
         if not cfg.embedded:
-            self.log(f"database: external PostgreSQL at {cfg.pg_host}:{cfg.pg_port}")
-            return {
-                "PGSQL_HOST": cfg.pg_host,
-                "PGSQL_PORT": str(cfg.pg_port),
-                "PGSQL_DBNAME": cfg.pg_dbname,
-                "PGSQL_USER": cfg.pg_user,
-                "PGSQL_PASSWORD": cfg.pg_password,
-            }
+            self.log(f"database: external PostgreSQL at {host_port(cfg.pg_host, cfg.pg_port)}")
+            if connections > POSTGRES_DEFAULT_MAX_CONNECTIONS - 3:
+                self.log(
+                    f"warning: the replicas may open up to {connections} connections "
+                    f"(SERVER_COUNT {cfg.server_count} x SERVICE_POOL_MAX_SIZE {pool_max}), more "
+                    f"than PostgreSQL's default max_connections ({POSTGRES_DEFAULT_MAX_CONNECTIONS}"
+                    ") allows: make sure the external database's max_connections is higher"
+                )
+            return self._external_pg_env()
         data = cfg.data_dir.resolve()
         data.mkdir(parents=True, exist_ok=True)
         if (data / "pgdata" / "PG_VERSION").exists() and not (data / "pgpassword").exists():
@@ -197,17 +275,38 @@ class Stack:
             password=_local_password(data / "pgpassword"),
             dbname=cfg.pg_dbname,
             log_file=data / "postgres.log",
+            max_connections=database_connections(cfg.server_count, pool_max),
+            log=self._log_from_thread,
         )
         log_file = data / "postgres.log"
         offset = log_file.stat().st_size if log_file.exists() else 0
         self._tasks.append(asyncio.create_task(self._tail(log_file, offset), name="database-log"))
-        self.log(f"database: embedded PostgreSQL, data in {data / 'pgdata'}")
+        self.log(f"database: embedded PostgreSQL, data in {data / 'pgdata'}, max_connections "
+                 f"{self.database.max_connections} (SERVER_COUNT {cfg.server_count} x "
+                 f"SERVICE_POOL_MAX_SIZE {pool_max} + {DATABASE_CONNECTIONS_HEADROOM})")
         try:
-            await asyncio.to_thread(self.database.start)
+            await self._start_database_thread(self.database)
         except EmbeddedPostgresError as exc:
             raise StackError(f"the embedded PostgreSQL did not start: {exc}") from exc
         self._tasks.append(asyncio.create_task(self._watch_database(), name="database-watch"))
         return self.database.env
+
+    async def _start_database_thread(self, db: EmbeddedPostgres) -> None:
+        """``db.start()`` in a thread. A thread cannot be cancelled, so the start is shielded
+        and remembered: stop() cancels it through ``_db_cancel`` and waits for it, and only
+        then stops the database (else a start finishing late would outlive us)."""
+        starting = asyncio.ensure_future(asyncio.to_thread(db.start, cancel=self._db_cancel))
+        # Its outcome is seen even when nobody awaits it any more (a cancelled shield drops it).
+        starting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._db_starting = starting
+        await asyncio.shield(starting)
+
+    def _log_from_thread(self, text: str) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.log, text)
+        else:
+            self.log(text)
 
     async def _tail(self, path: Path, offset: int) -> None:
         """Copy the embedded PostgreSQL's log file to the output, prefixed (it writes a file,
@@ -230,26 +329,33 @@ class Stack:
             await asyncio.sleep(0.2)
 
     async def _watch_database(self) -> None:
-        """The restart policy for the embedded database (it is a process we own too)."""
+        """The restart policy for the embedded database (it is a process we own too): on
+        failure, restarted within the policy; an exit with status 0 is final (on-failure), and
+        the stack cannot serve without it."""
         db = self.database
         assert db is not None
         while not self._stopping:
             await asyncio.sleep(0.5)
             if self._stopping or db.running:
                 continue
-            if not self._db_policy.allow():
-                self.log("database: exited; restart policy exhausted, stopping the stack")
+            code = db.returncode
+            if code == 0:
+                self.log("database: exited with status 0; not restarted (restart policy: "
+                         "on-failure): stopping the stack, it cannot serve without it")
                 self.failed.set()
                 return
-            self.log(f"database: exited; restarting in {self.config.restart_delay:g}s")
+            if not self._db_policy.allow():
+                self.log(f"database: exited with status {code}; restart policy exhausted, "
+                         "stopping the stack")
+                self.failed.set()
+                return
+            self.log(f"database: exited with status {code}; restarting in "
+                     f"{self.config.restart_delay:g}s")
             await asyncio.sleep(self.config.restart_delay)
             if self.stopping:  # stop() may have run during the delay
                 return
-            # Shielded and remembered: a start running in a thread cannot be cancelled, so
-            # stop() waits for it before stopping the database (else it would outlive us).
-            self._db_starting = asyncio.ensure_future(asyncio.to_thread(db.start))
             try:
-                await asyncio.shield(self._db_starting)
+                await self._start_database_thread(db)
             except EmbeddedPostgresError as exc:
                 self.log(f"database: restart failed: {exc}")
 
@@ -263,17 +369,39 @@ class Stack:
         env.update(extra)
         return env
 
+    def _replica_env(self, i: int, port: int, pg_env: Mapping[str, str]) -> dict[str, str]:
+        """Replica ``i``'s environment. Its ``X-Served-By`` (``SERVICE_NAME``) is the address
+        the balancer, ``/stats`` and the banner show, or the user's ``SERVICE_NAME`` with
+        ``-i`` appended (one name for every replica would hide which one answered)."""
+        cfg = self.config
+        name = cfg.environ.get("SERVICE_NAME", "").strip()
+        served_by = f"{name}-{i}" if name else host_port(_reachable(cfg.backend_host), port)
+        return self._child_env({**pg_env, "SERVICE_HOST": cfg.backend_host,
+                                "SERVICE_PORT": str(port), "SERVICE_NAME": served_by})
+
+    def _balancer_env(self) -> dict[str, str]:
+        cfg = self.config
+        env = self._child_env({
+            "LB_HOST": cfg.lb_host,
+            "LB_PORT": str(cfg.lb_port),
+            "LB_ADMIN_HOST": cfg.lb_admin_host,
+            "LB_ADMIN_PORT": str(cfg.lb_admin_port),
+            "SERVER_COUNT": str(cfg.server_count),
+            "LB_BACKENDS": ",".join(self.replica_addresses),
+        })
+        env.pop("PGSQL_PASSWORD", None)  # the balancer never talks to the database
+        return env
+
     async def _start_replicas(self, pg_env: Mapping[str, str]) -> None:
         cfg = self.config
         for i, port in enumerate(cfg.replica_ports, 1):
             child = Child(
                 f"backend-{i}",
                 [self.python, "-m", "services"],
-                self._child_env({**pg_env, "SERVICE_HOST": cfg.backend_host,
-                                 "SERVICE_PORT": str(port)}),
+                self._replica_env(i, port, pg_env),
                 self.output,
                 self._policy(),
-                on_give_up=self._replica_gave_up,
+                on_end=self._replica_ended,
             )
             await child.start()
             self.replicas.append(child)
@@ -281,22 +409,12 @@ class Stack:
         host = _reachable(cfg.backend_host)
         for child, port in zip(self.replicas, cfg.replica_ports, strict=True):
             await self._until(host, port, child)
-            self.log(f"{child.name}: healthy on {host}:{port}")
+            self.log(f"{child.name}: healthy on {host_port(host, port)}")
 
     async def _start_balancer(self) -> None:
         cfg = self.config
-        host = _reachable(cfg.backend_host)
-        env = self._child_env({
-            "LB_HOST": cfg.lb_host,
-            "LB_PORT": str(cfg.lb_port),
-            "LB_ADMIN_HOST": cfg.lb_admin_host,
-            "LB_ADMIN_PORT": str(cfg.lb_admin_port),
-            "SERVER_COUNT": str(cfg.server_count),
-            "LB_BACKENDS": ",".join(f"{host}:{port}" for port in cfg.replica_ports),
-        })
-        env.pop("PGSQL_PASSWORD", None)  # the balancer never talks to the database
-        self.balancer = Child(BALANCER, [self.python, "-m", "lb"], env, self.output,
-                              self._policy(), on_give_up=self._essential_gave_up)
+        self.balancer = Child(BALANCER, [self.python, "-m", "lb"], self._balancer_env(),
+                              self.output, self._policy(), on_end=self._essential_ended)
         await self.balancer.start()
         self._tasks.append(asyncio.create_task(self.balancer.supervise(), name="balancer-watch"))
         await self._until(cfg.client_host, cfg.lb_port, self.balancer)
@@ -306,19 +424,25 @@ class Stack:
         """Poll ``GET /healthcheck`` on ``host:port`` until 200; fail early when ``child``
         gives up or the stack failed. The caller's timeout bounds it."""
         while True:
-            if child.gave_up or self.failed.is_set():
+            if child.ended or self.failed.is_set():
                 raise StackError(f"{child.name} exited during start; see its log above")
             if await http_status(host, port, "/healthcheck") == 200:
                 return
             await asyncio.sleep(0.2)
 
-    def _replica_gave_up(self, child: Child) -> None:
-        if all(r.gave_up for r in self.replicas):
-            self.log("every replica has given up: stopping the stack")
+    def _replica_ended(self, child: Child) -> None:
+        left = [r for r in self.replicas if not r.ended]
+        if not left and len(self.replicas) == self.config.server_count:
+            self.log("every replica has ended: stopping the stack, it cannot serve without one")
             self.failed.set()
+        else:
+            self.log(f"{child.name} will not run again; {len(left)} of "
+                     f"{self.config.server_count} replica(s) left")
 
-    def _essential_gave_up(self, child: Child) -> None:
-        self.log(f"{child.name} has given up: stopping the stack")
+    def _essential_ended(self, child: Child) -> None:
+        why = "its restart policy gave up" if child.gave_up else "it exited with status 0"
+        self.log(f"{child.name} will not run again ({why}): stopping the stack, it cannot "
+                 "serve without it")
         self.failed.set()
 
     # -- stop ---------------------------------------------------------------------------
@@ -330,6 +454,7 @@ class Stack:
                 await asyncio.sleep(0.05)
             return
         self._stopping = True
+        self._db_cancel.set()  # a database start in progress undoes itself
         self.ready = False
         timeout = self.config.stop_timeout
         # No restart from here on: an exit during shutdown is the shutdown.
@@ -342,16 +467,23 @@ class Stack:
             if self.balancer is not None:
                 self.log(f"stopping {BALANCER} (it stops accepting, then drains)")
                 await self.balancer.stop(timeout, self.force_stop)
-            if self.replicas:
-                self.log(f"stopping {len(self.replicas)} replica(s) (they drain)")
-                await asyncio.gather(*(r.stop(timeout, self.force_stop) for r in self.replicas))
-            if self._db_starting is not None:
-                await asyncio.wait([self._db_starting], timeout=DATABASE_STOP_TIMEOUT)
-                if self._db_starting.done() and not self._db_starting.cancelled():
-                    self._db_starting.exception()  # seen (it was logged, if any)
+            running = [r for r in self.replicas if r.running]
+            if running:
+                self.log(f"stopping {len(running)} replica(s) (they drain)")
+            # Every one, running or not: none may be restarted, and each pipe is drained.
+            await asyncio.gather(*(r.stop(timeout, self.force_stop) for r in self.replicas))
+            if self._db_starting is not None and not self._db_starting.done():
+                # Cancelled above, it ends at its next step (initdb may take seconds); a
+                # second signal does not wait for it (it still stops what it started).
+                self.log("waiting for the database's start to end")
+                forced = asyncio.ensure_future(self.force_stop.wait())
+                waits: list[asyncio.Future[Any]] = [self._db_starting, forced]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                forced.cancel()
             if self.database is not None:
                 mode: StopMode = "immediate" if self.force_stop.is_set() else "fast"
-                self.log(f"stopping the database ({mode})")
+                if self.database.running:
+                    self.log(f"stopping the database ({mode})")
                 await asyncio.to_thread(self.database.stop, mode, DATABASE_STOP_TIMEOUT)
         finally:
             self._stopped = True
@@ -383,8 +515,7 @@ class Stack:
         if self.admin_url:
             lines.append(f"  balancer: {self.admin_url}/stats (JSON), {self.admin_url}/metrics, "
                          f"{self.admin_url}/")
-        host = _reachable(self.config.backend_host)
-        lines.append("  replicas: " + ", ".join(f"{host}:{p}" for p in self.config.replica_ports))
+        lines.append("  replicas: " + ", ".join(self.replica_addresses))
         if self.database is not None:
             data = self.config.data_dir.resolve()
             lines.append(
@@ -392,7 +523,7 @@ class Stack:
                 f"data in {data / 'pgdata'} (password in {data / 'pgpassword'})"
             )
         else:
-            lines.append(f"  database: {self.config.pg_host}:{self.config.pg_port}")
+            lines.append(f"  database: {host_port(self.config.pg_host, self.config.pg_port)}")
         lines.append("Ctrl-C (or SIGTERM) stops everything.")
         return lines
 

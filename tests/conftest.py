@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
-from stack.pg import EmbeddedPostgres
+from stack.pg import EmbeddedPostgres, PostgresAddress
 
 try:
     import uvloop
@@ -30,7 +33,7 @@ def pytest_asyncio_loop_factories(
     return factories
 
 
-class ExternalPostgres:
+class ExternalPostgres(PostgresAddress):
     """The PostgreSQL that ``PGSQL_*`` names, when the user points the tests at one."""
 
     def __init__(self) -> None:
@@ -40,46 +43,42 @@ class ExternalPostgres:
         self.password = os.environ.get("PGSQL_PASSWORD", "")
         self.dbname = os.environ.get("PGSQL_DBNAME", "se_lab6")
 
-    @property
-    def dsn(self) -> str:
-        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{self.dbname}"
 
-    @property
-    def env(self) -> dict[str, str]:
-        return {
-            "PGSQL_HOST": self.host,
-            "PGSQL_PORT": str(self.port),
-            "PGSQL_USER": self.user,
-            "PGSQL_PASSWORD": self.password,
-            "PGSQL_DBNAME": self.dbname,
-        }
+@contextlib.contextmanager
+def _postgres_dir() -> Iterator[Path]:
+    # Not under pytest's tmp_path: another pytest session of the same user resets
+    # /tmp/pytest-of-<user> to 0700, which locks the pgserver user out mid-run.
+    base = Path(tempfile.mkdtemp(prefix="varstack-pg-"))
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def postgres(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[EmbeddedPostgres | ExternalPostgres]:
+def postgres() -> Iterator[EmbeddedPostgres | ExternalPostgres]:
     """The session's PostgreSQL: the one ``PGSQL_HOST`` names, else a throwaway embedded one."""
     if os.environ.get("PGSQL_HOST"):
         yield ExternalPostgres()
         return
-    base = tmp_path_factory.mktemp("pg-session")
-    server = EmbeddedPostgres(
-        data_dir=base / "data", log_file=base / "postgres.log",
-        password=f"pw-{secrets.token_hex(8)}",  # distinctive, so tests can look for leaks
-    )
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop("fast")
+    with _postgres_dir() as base:
+        server = EmbeddedPostgres(
+            data_dir=base / "data", log_file=base / "postgres.log",
+            password=f"pw-{secrets.token_hex(8)}",  # distinctive, so tests can look for leaks
+        )
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop("fast")
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+def own_postgres() -> Iterator[EmbeddedPostgres]:
     """A PostgreSQL of this test's own, to stop, kill and restart (always embedded)."""
-    server = EmbeddedPostgres(data_dir=tmp_path / "pgdata", log_file=tmp_path / "postgres.log")
-    try:
-        yield server
-    finally:
-        server.stop("immediate")
+    with _postgres_dir() as base:
+        server = EmbeddedPostgres(data_dir=base / "pgdata", log_file=base / "postgres.log")
+        try:
+            yield server
+        finally:
+            server.stop("immediate")

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import http.client
 import io
+import os
 import random
+import signal
+import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+import lb.config
 from stack.config import ENV_VARS, SETTINGS, ConfigError, StackConfig
-from stack.pg import free_port
+from stack.pg import EmbeddedPostgres, _bin_dir, _let_traverse, free_port
 from stack.process import Output, RestartPolicy
-from stack.supervisor import Stack, http_status, port_in_use
+from stack.supervisor import Stack, database_connections, http_status, port_in_use
 
 
 def test_defaults_are_compose_yaml_s() -> None:
@@ -68,7 +77,7 @@ async def test_stack_as_a_library_restarts_a_killed_replica(tmp_path: Path) -> N
     if port_in_use("127.0.0.1", backend):
         pytest.skip(f"port {backend} is taken")
     config = StackConfig.from_env(
-        {"SERVICE_ACCESS_LOG": "off"},
+        {"SERVICE_ACCESS_LOG": "off", "SERVICE_POOL_MAX_SIZE": "300"},
         server_count=1,
         lb_host="127.0.0.1",
         lb_port=free_port(),
@@ -82,6 +91,13 @@ async def test_stack_as_a_library_restarts_a_killed_replica(tmp_path: Path) -> N
         assert stack.ready
         assert stack.admin_url is None
         assert await http_status("127.0.0.1", config.lb_port, "/healthcheck") == 200
+        # Sized for every replica's whole pool (it was 200 whatever the pools).
+        assert stack.database is not None
+        conn = await asyncpg.connect(stack.database.dsn)
+        try:
+            assert await conn.fetchval("SHOW max_connections") == "320"
+        finally:
+            await conn.close()
         replica = stack.replicas[0]
         first_pid = replica.pid
         replica.kill()
@@ -99,3 +115,176 @@ async def test_stack_as_a_library_restarts_a_killed_replica(tmp_path: Path) -> N
     assert not stack.database.running
     assert not port_in_use("127.0.0.1", config.lb_port)
     assert "backend-1    | exited with status -9; restarting in 0.2s" in out.getvalue()
+
+
+# -- the programs' settings, checked up front ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SERVICE_POOL_MAX_SIZE": "0"}, "SERVICE_POOL_MAX_SIZE must be between 1 and 1000"),
+        ({"SERVICE_POOL_MIN_SIZE": "20"}, "SERVICE_POOL_MIN_SIZE must not exceed"),
+        ({"SERVICE_LOG_LEVEL": "loud"}, "SERVICE_LOG_LEVEL must be one of"),
+        ({"LB_CHECK_MODE": "udp"}, "LB_CHECK_MODE: must be one of"),
+        ({"LB_DRAIN_TIMEOUT": "soon"}, "LB_DRAIN_TIMEOUT: must be a number"),
+        ({"SERVER_COUNT": "200", "SERVICE_POOL_MAX_SIZE": "100"},
+         "needs 20020 database connections; the embedded PostgreSQL allows at most 10000"),
+    ],
+)
+def test_the_programs_settings_are_checked_before_anything_starts(
+    env: dict[str, str], message: str
+) -> None:
+    stack = Stack(StackConfig.from_env(env))
+    with pytest.raises(ConfigError, match=message):
+        stack.check_config()
+
+
+def test_an_external_database_is_not_limited_by_the_embedded_one_s_ceiling() -> None:
+    env = {"SERVER_COUNT": "200", "SERVICE_POOL_MAX_SIZE": "100", "PGSQL_HOST": "db"}
+    assert Stack(StackConfig.from_env(env)).check_config().pool_max_size == 100
+
+
+def test_the_embedded_database_allows_every_pool_and_some_headroom() -> None:
+    assert database_connections(3, 10) == 100  # never below PostgreSQL's default
+    assert database_connections(25, 10) == 270  # was 200 for any SERVER_COUNT
+    assert database_connections(200, 10) == 2020
+
+
+def test_each_replica_is_named_by_its_address_or_by_the_user_s_name() -> None:
+    stack = Stack(StackConfig.from_env({}, backend_port=6001, server_count=2))
+    env = stack._replica_env(2, 6002, {})
+    assert env["SERVICE_NAME"] == "127.0.0.1:6002"
+    assert env["SERVICE_PORT"] == "6002"
+    named = Stack(StackConfig.from_env({"SERVICE_NAME": "web"}))
+    assert named._replica_env(2, 5002, {})["SERVICE_NAME"] == "web-2"
+
+
+def test_ipv6_addresses_are_bracketed_as_the_balancer_reads_them() -> None:
+    config = StackConfig.from_env({"STACK_BACKEND_HOST": "::1", "LB_HOST": "::",
+                                   "LB_ADMIN_HOST": "::1"})
+    stack = Stack(config)
+    env = stack._balancer_env()
+    assert env["LB_BACKENDS"] == "[::1]:5001,[::1]:5002,[::1]:5003"
+    balancer = lb.config.Config.from_env(env, argv=[])
+    assert balancer.backends == (("::1", 5001), ("::1", 5002), ("::1", 5003))
+    stack.check_config()
+    assert stack.url == "http://[::1]:3000"
+    assert stack.admin_url == "http://[::1]:8404"
+    assert stack._replica_env(1, 5001, {})["SERVICE_NAME"] == "[::1]:5001"
+    assert "  replicas: [::1]:5001, [::1]:5002, [::1]:5003" in stack.banner()
+
+
+def test_the_start_line_shows_only_the_database_settings_that_apply() -> None:
+    embedded = StackConfig.from_env({}).redacted()
+    assert "pg_host" not in embedded
+    assert "pg_port" not in embedded
+    assert embedded["embedded_pg_port"] == "a free one"
+    assert embedded["data_dir"] == Path(".varstack")
+    external = StackConfig.from_env({"PGSQL_HOST": "db", "PGSQL_PASSWORD": "pw"}).redacted()
+    assert (external["pg_host"], external["pg_port"], external["pg_password"]) == ("db", 5432,
+                                                                                   "***")
+    assert "data_dir" not in external
+    assert "embedded_pg_port" not in external
+
+
+def test_output_to_a_hung_up_terminal_is_dropped_not_raised() -> None:
+    class HungUp(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+    Output(HungUp()).line("stack", "stopping")  # no exception: the stack goes on stopping
+
+
+# -- the embedded PostgreSQL's folders ---------------------------------------------------------
+
+
+def test_the_folders_above_the_data_are_made_traversable_not_listable(tmp_path: Path) -> None:
+    outer = tmp_path / "home"
+    inner = outer / "checkout"
+    (inner / ".varstack").mkdir(parents=True)
+    outer.chmod(0o700)
+    inner.chmod(0o750)
+    _let_traverse(inner / ".varstack" / "pgdata")
+    assert stat.S_IMODE(outer.stat().st_mode) == 0o701
+    assert stat.S_IMODE(inner.stat().st_mode) == 0o751
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root PostgreSQL runs as another user")
+def test_the_embedded_database_starts_as_root_from_a_private_folder(tmp_path: Path) -> None:
+    private = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as mktemp -d makes it
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    server = EmbeddedPostgres(data_dir=private / "pgdata", max_connections=123)
+    try:
+        server.start()
+        result = subprocess.run(
+            [str(_bin_dir() / "psql"), "-h", server.host, "-p", str(server.port),
+             "-U", server.user, "-d", server.dbname, "-tAc", "SHOW max_connections"],
+            env={**os.environ, "PGPASSWORD": server.password}, capture_output=True, text=True,
+            check=True,
+        )
+        assert result.stdout.strip() == "123"
+    finally:
+        server.stop("immediate")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o701  # searchable, still not listable
+    # The wheel's PostgreSQL: the folders above it searchable by all, its programs runnable.
+    install = _bin_dir().parent
+    for parent in list(install.parents)[:-1]:
+        assert parent.stat().st_mode & 0o001, parent
+    assert (_bin_dir() / "postgres").stat().st_mode & 0o005 == 0o005
+
+
+# -- parts the stack cannot serve without ----------------------------------------------------
+
+
+def _lib_config(tmp_path: Path, **overrides: object) -> StackConfig:
+    backend = random.randrange(20000, 32000)  # below the ephemeral range (see test_stack)
+    if port_in_use("127.0.0.1", backend) or port_in_use("::1", backend):
+        pytest.skip(f"port {backend} is taken")
+    values: dict[str, object] = {
+        "server_count": 1, "lb_host": "127.0.0.1", "lb_port": free_port(), "lb_admin_port": 0,
+        "backend_port": backend, "data_dir": tmp_path / "data", "restart_delay": 0.2,
+    }
+    values.update(overrides)
+    return StackConfig.from_env({"SERVICE_ACCESS_LOG": "off"}, **values)
+
+
+async def test_when_the_only_replica_exits_0_the_stack_fails(tmp_path: Path) -> None:
+    out = io.StringIO()
+    async with Stack(_lib_config(tmp_path), output=Output(out)) as stack:
+        [replica] = stack.replicas
+        replica.signal(signal.SIGTERM)  # it drains and exits 0: not restarted (on-failure)
+        async with asyncio.timeout(20):
+            await stack.failed.wait()
+        assert replica.exit_codes == [0]
+        assert replica.restarts == 0
+    log = out.getvalue()
+    assert "every replica has ended: stopping the stack" in log
+    assert "stopping 1 replica(s)" not in log  # none was running any more
+
+
+async def test_over_ipv6_and_when_the_database_exits_0_the_stack_fails(tmp_path: Path) -> None:
+    out = io.StringIO()
+    config = _lib_config(tmp_path, backend_host="::1", lb_host="::1")
+    async with Stack(config, output=Output(out)) as stack:
+        assert stack.url == f"http://[::1]:{config.lb_port}"
+        status, served_by = await asyncio.to_thread(_get, "::1", config.lb_port, "/healthcheck")
+        assert (status, served_by) == (200, f"[::1]:{config.backend_port}")
+        assert stack.database is not None
+        pid = stack.database.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)  # someone stops PostgreSQL (fast shutdown): status 0
+        async with asyncio.timeout(20):
+            await stack.failed.wait()
+    assert "database: exited with status 0; not restarted" in out.getvalue()
+
+
+def _get(host: str, port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("X-Served-By", "")
+    finally:
+        conn.close()
