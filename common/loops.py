@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from common.env import ConfigError
 
@@ -25,3 +27,21 @@ def loop_factory(choice: str, *, variable: str) -> Callable[[], asyncio.Abstract
 
 def loop_name(factory: Callable[[], asyncio.AbstractEventLoop]) -> str:
     return "uvloop" if factory.__module__.startswith("uvloop") else "asyncio"
+
+
+def run(
+    main: Coroutine[Any, Any, None],
+    *,
+    factory: Callable[[], asyncio.AbstractEventLoop],
+    address: str,
+    log: logging.Logger,
+) -> int:
+    """Run a server's ``main`` to its end on a new loop: exit status 0, or 1 (logged) when it
+    cannot listen on ``address``."""
+    with asyncio.Runner(loop_factory=factory) as runner:
+        try:
+            runner.run(main)
+        except OSError as exc:
+            log.error("cannot serve on %s: %s", address, exc)
+            return 1
+    return 0

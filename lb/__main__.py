@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from common.loops import loop_factory
+from common.loops import loop_factory, loop_name, run
 from lb.config import Config, ConfigError
 from lb.server import Server
 
@@ -66,7 +66,7 @@ class _AcceptErrorFilter:
         loop.default_exception_handler(context)
 
 
-async def run(config: Config) -> None:
+async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_AcceptErrorFilter())
     server = Server(config)
@@ -102,15 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     raise_fd_limit(config)
-    loop_name = "uvloop" if factory.__module__.startswith("uvloop") else "asyncio"
-    log.info("varstack-lb starting on the %s loop: %s", loop_name, config)
-    with asyncio.Runner(loop_factory=factory) as runner:
-        try:
-            runner.run(run(config))
-        except OSError as exc:
-            log.error("cannot serve on %s:%d: %s", config.host, config.port, exc)
-            return 1
-    return 0
+    log.info("varstack-lb starting on the %s loop: %s", loop_name(factory), config)
+    return run(serve(config), factory=factory, address=f"{config.host}:{config.port}", log=log)
 
 
 if __name__ == "__main__":

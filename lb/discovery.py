@@ -9,12 +9,12 @@ known set (the replicas are probably still there; the health checks will say if 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
 from lb.backends import BackendPool
+from lb.periodic import Periodic
 
 log = logging.getLogger("lb.discovery")
 
@@ -31,8 +31,10 @@ async def resolve_all(name: str, port: int) -> list[tuple[str, int]]:
     return sorted(found, key=lambda a: (":" in a[0], a))
 
 
-class DnsDiscovery:
+class DnsDiscovery(Periodic):
     """Owns one task that re-resolves ``name`` every ``interval`` seconds into ``pool``."""
+
+    task_name = "lb-dns"
 
     def __init__(
         self,
@@ -44,6 +46,7 @@ class DnsDiscovery:
         expected: int = 1,
         resolver: Resolver | None = None,
     ) -> None:
+        super().__init__()
         self.pool = pool
         self.name = name
         self.port = port
@@ -53,18 +56,6 @@ class DnsDiscovery:
         self.resolved = asyncio.Event()
         self._last_count: int | None = None
         self._last_error: str | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="lb-dns")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def refresh(self) -> None:
         """Resolve once and apply the answer; errors are logged once per change."""

@@ -12,6 +12,7 @@ import logging
 from typing import Literal
 
 from lb.backends import Backend, BackendPool, describe_error
+from lb.periodic import Periodic
 
 log = logging.getLogger("lb.health")
 
@@ -19,8 +20,10 @@ log = logging.getLogger("lb.health")
 _MAX_ANSWER = 65536
 
 
-class HealthChecker:
+class HealthChecker(Periodic):
     """Owns one task that checks every backend of ``pool`` each ``interval`` seconds."""
+
+    task_name = "lb-health"
 
     def __init__(
         self,
@@ -31,23 +34,12 @@ class HealthChecker:
         interval: float = 2.0,
         timeout: float = 1.0,
     ) -> None:
+        super().__init__()
         self.pool = pool
         self.mode = mode
         self.path = path
         self.interval = interval
         self.timeout = timeout
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="lb-health")
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def check_all(self) -> None:
         """One round: every backend checked concurrently, results applied."""

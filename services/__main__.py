@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from common.loops import loop_factory, loop_name
+from common.loops import loop_factory, loop_name, run
 from services.config import Config, ConfigError, load_config
 from services.server import Server
 
@@ -32,13 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(config)
     log.info("starting with %s on the %s loop", config.redacted(), loop_name(factory))
-    with asyncio.Runner(loop_factory=factory) as runner:
-        try:
-            runner.run(Server(config).serve())
-        except OSError as exc:
-            log.error("cannot serve on %s:%d: %s", config.host, config.port, exc)
-            return 1
-    return 0
+    return run(
+        Server(config).serve(), factory=factory, address=f"{config.host}:{config.port}", log=log
+    )
 
 
 if __name__ == "__main__":

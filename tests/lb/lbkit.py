@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from chaos.system import close_wait
 from lb.config import Config
 from lb.server import Server
 
@@ -61,25 +62,7 @@ def tcp_states(port: int) -> dict[str, int]:
     return counts
 
 
-def close_wait_of_process(pid: int | None = None) -> int:
-    """Sockets owned by process ``pid`` (default: this one) that sit in CLOSE_WAIT."""
-    pid = os.getpid() if pid is None else pid
-    inodes = set()
-    fd_dir = f"/proc/{pid}/fd"
-    for fd in os.listdir(fd_dir):
-        with contextlib.suppress(OSError):
-            target = os.readlink(f"{fd_dir}/{fd}")
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(FileNotFoundError), open(table) as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                if fields[3] == "08" and fields[9] in inodes:
-                    count += 1
-    return count
+close_wait_of_process = close_wait  # one reading of /proc, shared with the chaos tools
 
 
 async def eventually(predicate: Callable[[], bool], *, timeout: float = 5.0,
