@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 
 class ConfigError(ValueError):
     """A setting has a value the program cannot run with; the message names the variable."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """One variable: its env name, the config attribute it fills, its default as the README
+    writes it, its meaning."""
+
+    env: str
+    attr: str
+    default: str
+    help: str
 
 
 def integer(lo: int, hi: int) -> Callable[[str, str], int]:

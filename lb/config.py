@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar
 
+import common.env
+
 # ConfigError is re-exported: callers catch lb.config.ConfigError.
 from common.env import ConfigError as ConfigError
 from common.loops import LOOPS
@@ -35,13 +37,8 @@ LoopName = Literal["auto", "uvloop", "asyncio"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class Setting:
-    """One variable: its env name, its default as the README writes it, its meaning."""
-
-    env: str
-    attr: str
-    default: str
-    help: str
+class Setting(common.env.Setting):
+    """A balancer variable: every one also has a flag, named after it."""
 
     @property
     def flag(self) -> str:

@@ -18,17 +18,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.env import ConfigError, integer, seconds
+from common.env import ConfigError, Setting, integer, seconds
 
 __all__ = ["ENV_VARS", "SETTINGS", "ConfigError", "StackConfig", "host_port"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class Setting:
-    env: str
-    attr: str
-    default: str
-    help: str
 
 
 # One row per variable: the README's configuration table is written from this list.
