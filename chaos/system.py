@@ -522,17 +522,21 @@ async def check_leaks(target: Stack | Target, base: Baseline, *,
             problems.append(f"{numbers['close_wait']} sockets in CLOSE_WAIT")
         return problems
 
+    # The verdict is the last sample the wait took. A fresh sample after a clean one could
+    # catch a health check's or our /stats request's socket in flight: not a leak.
+    problems: list[str] = []
+
     async def settled() -> bool:
         stats = await get_json(target.admin_host, target.admin_port, "/stats")
         totals = stats["totals"]
         numbers["lb_active"] = totals["active_connections"]
         numbers["lb_unfinished"] = totals["accepted_connections"] - totals["finished_connections"]
+        problems[:] = measure()
         return not totals["active_connections"] and not numbers["lb_unfinished"] \
-            and not measure()
+            and not problems
 
     with contextlib.suppress(TimeoutError):
         await wait_until(settled, timeout=timeout, step=0.1)
-    problems = measure()
     if numbers.get("lb_active") or numbers.get("lb_unfinished"):
         problems.append(f"balancer: {numbers['lb_active']} connections still open, "
                         f"{numbers['lb_unfinished']} accepted but not finished")
