@@ -4,7 +4,7 @@ The pipe works at the transport/protocol level: bytes a side delivers in ``data_
 straight to the other side's ``transport.write``; when a side's write buffer passes its high-water
 mark, its ``pause_writing`` pauses reading on the other side (backpressure both ways, memory bounded
 by the buffer limits).  No task lives per connection once it is piped: the only task is the connect
-step, and the timeouts are one timer handle.
+step, and the idle and half-close timeouts are two timers shared by every pipe.
 
 This module is the hot path: it imports the backend state and nothing from health, discovery or
 admin code.
@@ -29,8 +29,8 @@ log = logging.getLogger("lb.pipe")
 _LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: SO_LINGER on, zero seconds: close() sends RST, so a reset is carried across as a reset.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
-#: The idle timer ticks this many times per timeout: a connection is closed after between
-#: 1 and 1 + 1/_TICKS timeouts of silence, for one timer reschedule per tick, not per chunk.
+#: A shared timeout timer ticks this many times per timeout: a connection is closed after between
+#: 1 and 1 + 1/_TICKS timeouts of silence, and a chunk only sets a flag.
 _TICKS: Final = 4
 #: At most one log line per this many seconds about this process running out of resources.
 _LOCAL_ERROR_LOG_INTERVAL: Final = 10.0
@@ -44,7 +44,9 @@ class Relay:
         "connect_retries",
         "connect_timeout",
         "debug",
+        "half_close_sweep",
         "half_close_timeout",
+        "idle_sweep",
         "idle_timeout",
         "local_error_logged_at",
         "local_errors_unlogged",
@@ -81,6 +83,12 @@ class Relay:
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.local_error_logged_at = -_LOCAL_ERROR_LOG_INTERVAL
         self.local_errors_unlogged = 0
+        # One shared timer per timeout ticks every pipe it watches, instead of one timer handle
+        # per connection: less memory per idle connection and no reschedule per connection.
+        self.idle_sweep = _Sweep(loop, idle_timeout, "idle timeout")
+        self.half_close_sweep = _Sweep(
+            loop, min(half_close_timeout, idle_timeout), "half-close timeout"
+        )
 
     def log_local_error(self, address: str, exc: OSError) -> None:
         """Out of descriptors or memory hits every client at once: one line per interval."""
@@ -102,11 +110,12 @@ class Pipe(asyncio.Protocol):
         "_active",
         "_client_full",
         "_closing",
+        "_connect_expired",
         "_connector",
         "_done",
         "_idle_ticks",
         "_pending",
-        "_timer",
+        "_sweep",
         "_upstream_full",
         "backend",
         "bytes_to_backend",
@@ -142,7 +151,8 @@ class Pipe(asyncio.Protocol):
         # even after pause_reading() in connection_made).
         self._pending: list[bytes] | None = []
         self._connector: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._connect_expired = False
+        self._sweep: _Sweep | None = None
         self._active = False
         self._idle_ticks = 0
         self._client_full = False
@@ -161,9 +171,8 @@ class Pipe(asyncio.Protocol):
         transport.pause_reading()
         transport.set_write_buffer_limits(high=self.relay.buffer_size)
         self.started = self.relay.loop.time()
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer = f"{peer[0]}:{peer[1]}"
+        if self.relay.debug:  # only the debug line names the client: no string per connection
+            self.peer = _address(transport)
         if self.relay.on_admit(self):
             self.start()
 
@@ -230,12 +239,21 @@ class Pipe(asyncio.Protocol):
                 if backend is None:
                     break
                 tried.append(backend)
+                # One timer handle, not an asyncio.timeout() context (its object, its
+                # reschedule and its exit cost about a tenth of a new connection's user CPU).
+                expiry = relay.loop.call_later(relay.connect_timeout, self._connect_timed_out)
                 try:
-                    async with asyncio.timeout(relay.connect_timeout):
-                        transport, upstream = await relay.loop.create_connection(
-                            _Upstream, backend.host, backend.port
-                        )
-                except TimeoutError:
+                    transport, upstream = await relay.loop.create_connection(
+                        _Upstream, backend.host, backend.port
+                    )
+                except (asyncio.CancelledError, TimeoutError) as exc:
+                    if isinstance(exc, asyncio.CancelledError):
+                        if not self._connect_expired:  # the pipe is closing: stop here
+                            raise
+                        self._connect_expired = False
+                        task = asyncio.current_task()
+                        if task is not None:
+                            task.uncancel()
                     pool.connect_failed(backend, "timeout")
                     if timeouts_left == 0:
                         break
@@ -247,16 +265,25 @@ class Pipe(asyncio.Protocol):
                         break
                     pool.connect_failed(backend, describe_error(exc))
                     continue
+                finally:
+                    expiry.cancel()
                 self._attached(backend, transport, upstream)
                 return
             if not self._closing:
                 self._abort("no backend accepted" if tried else "no backends", reset=False)
         except Exception:
-            log.exception("connect step failed for client %s", self.peer)
+            log.exception("connect step failed for client %s",
+                          _address(self.client) if self.peer == "?" else self.peer)
             self._abort("internal error", reset=False)
         finally:
             self._connector = None
             self._maybe_done()
+
+    def _connect_timed_out(self) -> None:
+        connector = self._connector
+        if connector is not None and not connector.done():
+            self._connect_expired = True
+            connector.cancel()
 
     def _attached(
         self, backend: Backend, transport: asyncio.Transport, upstream: _Upstream
@@ -396,36 +423,61 @@ class Pipe(asyncio.Protocol):
     # --- idle and half-close timeouts ---------------------------------------------------------
 
     def _arm_timer(self) -> None:
-        self._cancel_timer()
-        self._idle_ticks = 0
-        self._active = False
-        self._timer = self.relay.loop.call_later(self._timeout() / _TICKS, self._tick)
-
-    def _timeout(self) -> float:
+        """(Re)start the idle timeout, or the half-close one once a direction has ended."""
         relay = self.relay
-        if self.client_eof or self.upstream_eof:
-            return min(relay.half_close_timeout, relay.idle_timeout)
-        return relay.idle_timeout
+        sweep = relay.half_close_sweep if self.client_eof or self.upstream_eof else relay.idle_sweep
+        if self._sweep is not sweep:
+            self._cancel_timer()
+            sweep.add(self)
+            self._sweep = sweep
+        self._idle_ticks = 0
+        # Counted as activity, so the first tick (which may come at once) does not count as
+        # silence: a pipe is ended after between 1 and 1 + 1/_TICKS timeouts of silence.
+        self._active = True
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._sweep is not None:
+            self._sweep.pipes.discard(self)
+            self._sweep = None
 
-    def _tick(self) -> None:
-        self._timer = None
+    def _tick(self, sweep: _Sweep) -> None:
+        """One tick of the shared timer of ``sweep``."""
         if self._closing:
+            self._cancel_timer()
             return
         if self._active:
             self._active = False
             self._idle_ticks = 0
-        else:
-            self._idle_ticks += 1
-            if self._idle_ticks >= _TICKS:
-                half = self.client_eof or self.upstream_eof
-                self._abort("half-close timeout" if half else "idle timeout", reset=False)
-                return
-        self._timer = self.relay.loop.call_later(self._timeout() / _TICKS, self._tick)
+            return
+        self._idle_ticks += 1
+        if self._idle_ticks >= _TICKS:
+            self._abort(sweep.why, reset=False)
+
+
+class _Sweep:
+    """The pipes that share one timeout, and the one timer that ticks them all ``_TICKS`` times
+    per timeout while any are watched."""
+
+    __slots__ = ("_handle", "loop", "pipes", "tick", "why")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, why: str) -> None:
+        self.loop = loop
+        self.tick = timeout / _TICKS
+        self.why = why
+        self.pipes: set[Pipe] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, pipe: Pipe) -> None:
+        self.pipes.add(pipe)
+        if self._handle is None:
+            self._handle = self.loop.call_later(self.tick, self._run)
+
+    def _run(self) -> None:
+        self._handle = None
+        for pipe in list(self.pipes):
+            pipe._tick(self)
+        if self.pipes:
+            self._handle = self.loop.call_later(self.tick, self._run)
 
 
 class _Upstream(asyncio.Protocol):
@@ -495,3 +547,8 @@ def _linger_reset(transport: asyncio.Transport) -> None:
         return
     with contextlib.suppress(OSError, ValueError):  # already closed: nothing left to reset
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def _address(transport: asyncio.BaseTransport | None) -> str:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"

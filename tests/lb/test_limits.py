@@ -114,6 +114,44 @@ async def test_half_close_timeout_ends_a_side_that_never_finishes(
     assert "end=half-close timeout" in caplog.text
 
 
+async def test_timeouts_are_never_early_and_each_keeps_its_own_length(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A short half-close timeout must not shorten the idle timeout of other connections, and
+    neither timeout ends a connection before its length of silence."""
+    caplog.set_level(logging.DEBUG, logger="lb.pipe")
+    loop = asyncio.get_running_loop()
+    never = asyncio.Event()
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await never.wait()
+
+    async with FuncBackend(hang) as backend, running_lb(
+        lb_config(backend.address, idle_timeout=1.2, half_close_timeout=0.3)
+    ) as lb:
+        idle_reader, idle_writer = await connect(lb.port)
+        await eventually(lambda: len(lb.pipes) == 1)
+        idle_since = loop.time()
+        half_reader, half_writer = await connect(lb.port)
+        await eventually(lambda: len(lb.pipes) == 2)
+        half_writer.write_eof()
+        half_since = loop.time()
+
+        assert await asyncio.wait_for(read_to_end(half_reader), 5) == b""
+        half_lasted = loop.time() - half_since
+        assert not idle_reader.at_eof()
+        assert await asyncio.wait_for(read_to_end(idle_reader), 5) == b""
+        idle_lasted = loop.time() - idle_since
+        for writer in (idle_writer, half_writer):
+            await close(writer)
+        await eventually(lambda: not lb.pipes)
+        never.set()
+    assert half_lasted >= 0.3
+    assert idle_lasted >= 1.2
+    assert caplog.text.count("end=half-close timeout") == 1
+    assert caplog.text.count("end=idle timeout") == 1
+
+
 async def test_half_closed_connection_with_traffic_is_not_cut() -> None:
     """The half-close timeout is about silence: a long answer after the request's EOF flows."""
 
