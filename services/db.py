@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 
 from services.config import Config
+from services.pool import Pool, PoolClosing, PoolTimeout
 
 log = logging.getLogger("services.db")
 
@@ -53,24 +54,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class _FoldConnectionTracebacks(logging.Filter):
-    """asyncpg's pool logs a full traceback each time it fails to reconnect its minimum of
-    connections; while the database is down that is one traceback a second of noise. A
-    connection error is expected there: keep the line, fold the traceback into a reason."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and isinstance(exc, (*CONNECTION_ERRORS, TimeoutError)):
-            record.msg = f"{record.getMessage()} ({describe(exc)})"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-logging.getLogger("asyncpg.pool").addFilter(_FoldConnectionTracebacks())
-
-
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (down, restarting, not yet started)."""
 
@@ -97,13 +80,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-async def _reset(conn: asyncpg.Connection) -> None:
-    # Our statements leave no session state; asyncpg's default reset costs a round trip
-    # per request. Only an interrupted transaction needs undoing.
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
-
-
 class Database:
     """Owns the pool: ``start()`` begins connecting, ``close()`` ends it.
 
@@ -115,9 +91,8 @@ class Database:
         self, config: Config, *, on_error: Callable[[str], None] | None = None
     ) -> None:
         self._config = config
-        self._pool: asyncpg.Pool | None = None
+        self._pool: Pool | None = None
         self._connector: asyncio.Task[None] | None = None
-        self._expiring: asyncio.Task[None] | None = None
         self._in_flight = 0
         # /healthcheck's own connection: a full pool is a busy replica, not a dead database,
         # and must not make a balancer take every replica out under load.
@@ -175,15 +150,14 @@ class Database:
             "server_settings": {"application_name": "varstack-service"},
         }
 
-    async def _create_pool(self) -> asyncpg.Pool:
+    async def _open_connection(self) -> asyncpg.Connection:
+        return await asyncpg.connect(**self._connect_kwargs())
+
+    async def _create_pool(self) -> Pool:
         cfg = self._config
-        pool = await asyncpg.create_pool(
-            min_size=cfg.pool_min_size,
-            max_size=cfg.pool_max_size,
-            reset=_reset,
-            **self._connect_kwargs(),
-        )
+        pool = Pool(self._open_connection, min_size=cfg.pool_min_size, max_size=cfg.pool_max_size)
         try:
+            await pool.start()
             async with asyncio.timeout(cfg.db_connect_timeout + cfg.db_command_timeout):
                 await self._apply_schema(pool)
         except BaseException:
@@ -192,10 +166,14 @@ class Database:
         return pool
 
     @staticmethod
-    async def _apply_schema(pool: asyncpg.Pool) -> None:
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
-            await conn.execute(schema_sql())
+    async def _apply_schema(pool: Pool) -> None:
+        conn = await pool.acquire()
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+                await conn.execute(schema_sql())
+        finally:
+            pool.release(conn)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop connecting and close the pool; after ``timeout`` terminate what remains."""
@@ -204,21 +182,12 @@ class Database:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connector
             self._connector = None
-        if self._expiring is not None:
-            with contextlib.suppress(Exception):
-                await self._expiring
         if self._health_conn is not None:
             self._health_conn.terminate()
             self._health_conn = None
         pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await pool.close()
-        except TimeoutError:
-            log.warning("closing the database pool took over %.1fs; terminating it", timeout)
-            pool.terminate()
+        if pool is not None:
+            await pool.close(timeout)
 
     # -- state ------------------------------------------------------------------
 
@@ -227,8 +196,7 @@ class Database:
         pool = self._pool
         if pool is None:
             return 0, 0
-        size = pool.get_size()
-        return size, size - pool.get_idle_size()
+        return pool.size, pool.in_use
 
     # -- statements -------------------------------------------------------------
 
@@ -244,24 +212,31 @@ class Database:
         self._in_flight += 1
         try:
             try:
-                async with asyncio.timeout(cfg.pool_acquire_timeout):
-                    conn = await pool.acquire()
-            except TimeoutError:
+                conn = await pool.acquire(timeout=cfg.pool_acquire_timeout)
+            except PoolTimeout as exc:
                 self._on_error("busy")
-                raise DatabaseBusy(
-                    f"no connection free within {cfg.pool_acquire_timeout:g}s"
-                ) from None
+                raise DatabaseBusy(str(exc)) from None
+            except PoolClosing as exc:
+                self._on_error("unavailable")
+                raise DatabaseUnavailable(str(exc)) from None
+            except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
+                # Opening a connection failed: any refusal of the server's counts.
+                raise self._connection_lost(pool, exc) from exc
+            # Only a statement's own error (a constraint, a missing table) leaves the connection
+            # sound. A timeout, a cancellation or a broken protocol state cannot be trusted: a
+            # timed-out connection handed back would also wait for the cancel request, which a
+            # hung database answers no sooner than the statement.
+            discard = True
             try:
-                return await conn.fetchval(sql, *args)
-            except (TimeoutError, asyncpg.exceptions.InternalClientError):
-                # A timed-out statement: handing the connection back would wait for asyncpg's
-                # cancel request, which a hung database answers no sooner than the statement.
-                # A broken protocol state: the connection cannot be trusted again. Drop it.
-                conn.terminate()
+                value = await conn.fetchval(sql, *args)
+                discard = False
+                return value
+            except asyncpg.PostgresError as exc:
+                discard = isinstance(exc, CONNECTION_ERRORS)
                 raise
             finally:
-                await pool.release(conn)
-        except (DatabaseBusy, asyncio.CancelledError):
+                pool.release(conn, discard=discard)
+        except (DatabaseBusy, DatabaseUnavailable, asyncio.CancelledError):
             raise
         except TimeoutError as exc:
             self._on_error("timeout")
@@ -269,18 +244,17 @@ class Database:
                 f"statement took over {cfg.db_command_timeout:g}s"
             ) from exc
         except CONNECTION_ERRORS as exc:
-            self._on_error("connection")
-            self.last_error = describe(exc)
-            self._expire_connections(pool)
-            raise DatabaseUnavailable(self.last_error) from exc
+            raise self._connection_lost(pool, exc) from exc
         finally:
             self._in_flight -= 1
 
-    def _expire_connections(self, pool: asyncpg.Pool) -> None:
-        # One broken connection means the server went away: the others are broken too.
-        # Expiring them makes each reconnect on its next use instead of failing once more.
-        if self._expiring is None or self._expiring.done():
-            self._expiring = asyncio.create_task(pool.expire_connections(), name="db-expire")
+    def _connection_lost(self, pool: Pool, exc: BaseException) -> DatabaseUnavailable:
+        self._on_error("connection")
+        self.last_error = describe(exc)
+        # One broken connection means the server went away: the idle ones are broken too,
+        # and each would fail one more request before being noticed.
+        pool.expire()
+        return DatabaseUnavailable(self.last_error)
 
     async def set_var(self, key: str, value: str) -> bool:
         """Create ``key``; False if it already exists."""
