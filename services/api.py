@@ -331,6 +331,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
         # still gets an answer in its format, and the operator gets the traceback.
         log.exception("%s %s failed", request.method, request.path)
         response = answer(request, 500, "internal server error")
+    # Here, not in on_response_prepare: every answer of the app passes this point, and a
+    # signal costs a coroutine per response.
+    response.headers["X-Served-By"] = request.app[SERVED_BY]
     route = request.match_info.route.resource
     request.app[METRICS].observe(
         request.method,
@@ -339,10 +342,6 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
         time.perf_counter() - started,
     )
     return response
-
-
-async def _served_by_header(request: web.Request, response: StreamResponse) -> None:
-    response.headers["X-Served-By"] = request.app[SERVED_BY]
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -392,7 +391,6 @@ def create_app(
         await database.close()
 
     app.cleanup_ctx.append(database_ctx)
-    app.on_response_prepare.append(_served_by_header)
     app.router.add_get("/healthcheck", healthcheck)
     app.router.add_post("/set_var", set_var)
     app.router.add_get("/get_var", get_var)
