@@ -170,8 +170,8 @@ class Pipe(asyncio.Protocol):
         # to go and the kernel's buffer is the right place for them.
         transport.pause_reading()
         transport.set_write_buffer_limits(high=self.relay.buffer_size)
-        self.started = self.relay.loop.time()
-        if self.relay.debug:  # only the debug line names the client: no string per connection
+        if self.relay.debug:  # only the debug line uses these: no objects per connection
+            self.started = self.relay.loop.time()
             self.peer = _address(transport)
         if self.relay.on_admit(self):
             self.start()
@@ -491,15 +491,16 @@ class _Upstream(asyncio.Protocol):
 
     def __init__(self) -> None:
         self._pipe: Pipe | None = None
-        self._early: list[bytes] = []
+        #: What the backend sent before the pipe attached (None once attached).
+        self._early: list[bytes] | None = []
         self._eof = False
         self._lost = False
         self._lost_exc: Exception | None = None
 
     def attach(self, pipe: Pipe) -> None:
         self._pipe = pipe
-        early, self._early = self._early, []
-        for data in early:
+        early, self._early = self._early, None
+        for data in early or ():
             self.data_received(data)
         if self._eof:
             pipe.upstream_eof_received()
@@ -509,7 +510,7 @@ class _Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         pipe = self._pipe
         if pipe is None:
-            self._early.append(data)
+            self._early.append(data)  # type: ignore[union-attr]  # None only once attached
             return
         pipe.bytes_to_client += len(data)
         pipe._active = True
