@@ -82,7 +82,7 @@ async def test_waiters_are_served_in_arrival_order(postgres: Any) -> None:
 async def test_waiting_is_bounded_and_a_timed_out_waiter_leaves_no_trace(postgres: Any) -> None:
     async with pool_on(postgres, min_size=1, max_size=1) as (pool, _):
         held = await pool.acquire()
-        with pytest.raises(PoolTimeout, match="no connection free within 0.1s"):
+        with pytest.raises(PoolTimeout, match=r"no connection free within 0\.1s"):
             await pool.acquire(timeout=0.1)
         assert pool.waiting == 0
         pool.release(held)
@@ -104,7 +104,8 @@ async def test_a_cancelled_waiter_does_not_take_a_connection_with_it(postgres: A
             await gone
         assert (pool.in_use, pool.waiting, pool.size) == (0, 0, 1)
         conn = await pool.acquire(timeout=1)
-        assert conn is held and len(opened) == 1
+        assert conn is held
+        assert len(opened) == 1
         pool.release(conn)
 
 
@@ -116,7 +117,9 @@ async def test_a_discarded_connection_frees_its_slot_for_a_waiter(postgres: Any)
             await asyncio.sleep(0)
         pool.release(broken, discard=True)
         fresh = await waiting
-        assert broken.is_closed() and fresh is not broken and len(opened) == 2
+        assert broken.is_closed()
+        assert fresh is not broken
+        assert len(opened) == 2
         assert await fresh.fetchval("SELECT 2") == 2
         pool.release(fresh)
         assert pool.size == 1
@@ -128,9 +131,11 @@ async def test_a_connection_closed_while_idle_is_replaced(postgres: Any) -> None
         pool.release(conn)
         conn.terminate()
         again = await pool.acquire()
-        assert again is not conn and await again.fetchval("SELECT 3") == 3
+        assert again is not conn
+        assert await again.fetchval("SELECT 3") == 3
         pool.release(again)
-        assert pool.size == 1 and len(opened) == 2
+        assert pool.size == 1
+        assert len(opened) == 2
 
 
 async def test_a_connection_left_in_a_transaction_is_not_lent_again(postgres: Any) -> None:
@@ -150,7 +155,8 @@ async def test_expire_drops_idle_connections_only(postgres: Any) -> None:
         idle = await pool.acquire()
         pool.release(idle)
         pool.expire()
-        assert idle.is_closed() and not lent.is_closed()
+        assert idle.is_closed()
+        assert not lent.is_closed()
         assert (pool.size, pool.in_use) == (1, 1)
         pool.release(lent)
 
