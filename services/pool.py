@@ -159,8 +159,12 @@ class Pool:
         return conn
 
     def release(self, conn: asyncpg.Connection, *, discard: bool = False) -> None:
-        """Take back a lent connection; with ``discard``, terminate it (it may be broken)."""
-        self._lent.discard(conn)
+        """Take back a lent connection; with ``discard``, terminate it (it may be broken).
+        A connection given back twice is taken back once."""
+        try:
+            self._lent.remove(conn)
+        except KeyError:
+            return
         if not self._lent:
             self._all_returned.set()
         if discard or self._closing or conn.is_closed() or conn.is_in_transaction():

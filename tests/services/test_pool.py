@@ -149,6 +149,20 @@ async def test_a_connection_left_in_a_transaction_is_not_lent_again(postgres: An
         pool.release(again)
 
 
+async def test_a_connection_given_back_twice_is_lent_once(postgres: Any) -> None:
+    async with pool_on(postgres, min_size=1, max_size=2) as (pool, _):
+        conn = await pool.acquire()
+        pool.release(conn)
+        pool.release(conn)
+        first = await pool.acquire()
+        second = await pool.acquire()
+        assert first is conn
+        assert second is not conn
+        pool.release(first)
+        pool.release(second)
+        assert pool.size == 2
+
+
 async def test_expire_drops_idle_connections_only(postgres: Any) -> None:
     async with pool_on(postgres, min_size=2, max_size=3) as (pool, _):
         lent = await pool.acquire()
