@@ -43,6 +43,15 @@ async def server_side_count(postgres: Any) -> int:
         await conn.close()
 
 
+async def waiting_acquire(pool: Pool) -> asyncio.Task[asyncpg.Connection]:
+    """An acquire started and queued behind the lent connections."""
+    before = pool.waiting
+    task = asyncio.create_task(pool.acquire(timeout=10))
+    while pool.waiting == before:
+        await asyncio.sleep(0)
+    return task
+
+
 async def test_never_more_than_max_size_connections(postgres: Any) -> None:
     async with pool_on(postgres, min_size=0, max_size=3) as (pool, opened):
         async def query(i: int) -> int:
@@ -94,9 +103,7 @@ async def test_waiting_is_bounded_and_a_timed_out_waiter_leaves_no_trace(postgre
 async def test_a_cancelled_waiter_does_not_take_a_connection_with_it(postgres: Any) -> None:
     async with pool_on(postgres, min_size=1, max_size=1) as (pool, opened):
         held = await pool.acquire()
-        gone = asyncio.create_task(pool.acquire(timeout=10))
-        while pool.waiting < 1:
-            await asyncio.sleep(0)
+        gone = await waiting_acquire(pool)
         # Handed the connection and cancelled in the same loop step: it must come back.
         pool.release(held)
         gone.cancel()
@@ -112,9 +119,7 @@ async def test_a_cancelled_waiter_does_not_take_a_connection_with_it(postgres: A
 async def test_a_discarded_connection_frees_its_slot_for_a_waiter(postgres: Any) -> None:
     async with pool_on(postgres, min_size=1, max_size=1) as (pool, opened):
         broken = await pool.acquire()
-        waiting = asyncio.create_task(pool.acquire(timeout=10))
-        while pool.waiting < 1:
-            await asyncio.sleep(0)
+        waiting = await waiting_acquire(pool)
         pool.release(broken, discard=True)
         fresh = await waiting
         assert broken.is_closed()
@@ -198,9 +203,7 @@ async def test_close_waits_for_lent_connections_then_terminates_them(postgres: A
     async with pool_on(postgres, min_size=2, max_size=2) as (pool, _):
         returned = await pool.acquire()
         kept = await pool.acquire()
-        waiter = asyncio.create_task(pool.acquire(timeout=10))
-        while pool.waiting < 1:
-            await asyncio.sleep(0)
+        waiter = await waiting_acquire(pool)
         closing = asyncio.create_task(pool.close(timeout=0.5))
         with pytest.raises(PoolClosing):
             await waiter
