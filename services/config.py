@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import common.env
 from common.env import ConfigError, choice, integer, seconds, text
 from common.loops import LOOPS
 
@@ -24,49 +25,53 @@ ACCESS_LOG_LEVELS = ("info", "debug", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Setting:
-    env: str
-    default: str
-    help: str
+class Setting(common.env.Setting):
+    """A service variable; ``flag`` is the command-line flag of the few that have one."""
+
     flag: str | None = None
 
 
 # One row per variable: the README's configuration table is written from this list.
 SETTINGS: tuple[Setting, ...] = (
-    Setting(env="SERVICE_HOST", default="0.0.0.0", flag="--host", help="address to listen on"),
-    Setting(env="SERVICE_PORT", default="5000", flag="--port", help="TCP port to listen on"),
-    Setting(env="SERVICE_NAME", default="<hostname>:<port>",
+    Setting(env="SERVICE_HOST", attr="host", default="0.0.0.0", flag="--host",
+            help="address to listen on"),
+    Setting(env="SERVICE_PORT", attr="port", default="5000", flag="--port",
+            help="TCP port to listen on"),
+    Setting(env="SERVICE_NAME", attr="served_by", default="<hostname>:<port>",
             help="value of the X-Served-By response header"),
-    Setting(env="PGSQL_HOST", default="database", help="PostgreSQL host"),
-    Setting(env="PGSQL_PORT", default="5432", help="PostgreSQL port"),
-    Setting(env="PGSQL_DBNAME", default="se_lab6", help="database name"),
-    Setting(env="PGSQL_USER", default="postgres", help="database user"),
-    Setting(env="PGSQL_PASSWORD", default="", help="database password (never logged)"),
-    Setting(env="SERVICE_POOL_MIN_SIZE", default="1", help="connections opened at start"),
-    Setting(env="SERVICE_POOL_MAX_SIZE", default="10",
+    Setting(env="PGSQL_HOST", attr="pg_host", default="database", help="PostgreSQL host"),
+    Setting(env="PGSQL_PORT", attr="pg_port", default="5432", help="PostgreSQL port"),
+    Setting(env="PGSQL_DBNAME", attr="pg_dbname", default="se_lab6", help="database name"),
+    Setting(env="PGSQL_USER", attr="pg_user", default="postgres", help="database user"),
+    Setting(env="PGSQL_PASSWORD", attr="pg_password", default="",
+            help="database password (never logged)"),
+    Setting(env="SERVICE_POOL_MIN_SIZE", attr="pool_min_size", default="1",
+            help="connections opened at start"),
+    Setting(env="SERVICE_POOL_MAX_SIZE", attr="pool_max_size", default="10",
             help="most connections the pool opens (kept open once opened)"),
-    Setting(env="SERVICE_POOL_ACQUIRE_TIMEOUT", default="2.0",
+    Setting(env="SERVICE_POOL_ACQUIRE_TIMEOUT", attr="pool_acquire_timeout", default="2.0",
             help="seconds a request waits for a free connection before 503"),
-    Setting(env="SERVICE_MAX_WAITING", default="512",
+    Setting(env="SERVICE_MAX_WAITING", attr="max_waiting", default="512",
             help="requests allowed to wait for a connection; beyond it, 503 at once"),
-    Setting(env="SERVICE_DB_COMMAND_TIMEOUT", default="5.0",
+    Setting(env="SERVICE_DB_COMMAND_TIMEOUT", attr="db_command_timeout", default="5.0",
             help="seconds one SQL statement may take before 503"),
-    Setting(env="SERVICE_DB_CONNECT_TIMEOUT", default="5.0",
+    Setting(env="SERVICE_DB_CONNECT_TIMEOUT", attr="db_connect_timeout", default="5.0",
             help="seconds one connection attempt may take"),
-    Setting(env="SERVICE_DB_RETRY_MAX_DELAY", default="5.0",
+    Setting(env="SERVICE_DB_RETRY_MAX_DELAY", attr="db_retry_max_delay", default="5.0",
             help="longest pause between connection attempts at start (backoff cap)"),
-    Setting(env="SERVICE_HEALTH_TIMEOUT", default="1.0",
+    Setting(env="SERVICE_HEALTH_TIMEOUT", attr="health_timeout", default="1.0",
             help="seconds /healthcheck waits for the database"),
-    Setting(env="SERVICE_MAX_BODY_BYTES", default="1048576",
+    Setting(env="SERVICE_MAX_BODY_BYTES", attr="max_body_bytes", default="1048576",
             help="largest request body; larger gets 413"),
-    Setting(env="SERVICE_MAX_KEY_BYTES", default="1024",
+    Setting(env="SERVICE_MAX_KEY_BYTES", attr="max_key_bytes", default="1024",
             help="longest key in UTF-8 bytes; longer gets 400"),
-    Setting(env="SERVICE_SHUTDOWN_TIMEOUT", default="8.0",
+    Setting(env="SERVICE_SHUTDOWN_TIMEOUT", attr="shutdown_timeout", default="8.0",
             help="seconds in-flight requests get to finish on SIGTERM (< 10 s stop grace)"),
-    Setting(env="SERVICE_LOOP", default="auto",
+    Setting(env="SERVICE_LOOP", attr="loop", default="auto",
             help="event loop: auto (uvloop when installed), uvloop or asyncio"),
-    Setting(env="SERVICE_LOG_LEVEL", default="info", help="debug, info, warning or error"),
-    Setting(env="SERVICE_ACCESS_LOG", default="info",
+    Setting(env="SERVICE_LOG_LEVEL", attr="log_level", default="info",
+            help="debug, info, warning or error"),
+    Setting(env="SERVICE_ACCESS_LOG", attr="access_log", default="info",
             help="level of the one line per request: info, debug or off"),
 )
 
@@ -113,32 +118,32 @@ class Config:
         return out
 
 
-# Config field <- (variable, parser).
-_PARSERS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
-    "host": ("SERVICE_HOST", text()),
-    "port": ("SERVICE_PORT", integer(0, 65535)),
-    "served_by": ("SERVICE_NAME", text(empty_ok=True)),
-    "pg_host": ("PGSQL_HOST", text()),
-    "pg_port": ("PGSQL_PORT", integer(1, 65535)),
-    "pg_dbname": ("PGSQL_DBNAME", text()),
-    "pg_user": ("PGSQL_USER", text()),
-    "pg_password": ("PGSQL_PASSWORD", text(empty_ok=True)),
-    "pool_min_size": ("SERVICE_POOL_MIN_SIZE", integer(0, 1000)),
-    "pool_max_size": ("SERVICE_POOL_MAX_SIZE", integer(1, 1000)),
-    "pool_acquire_timeout": ("SERVICE_POOL_ACQUIRE_TIMEOUT", seconds(0.001, 300)),
-    "max_waiting": ("SERVICE_MAX_WAITING", integer(0, 100_000)),
-    "db_command_timeout": ("SERVICE_DB_COMMAND_TIMEOUT", seconds(0.001, 3600)),
-    "db_connect_timeout": ("SERVICE_DB_CONNECT_TIMEOUT", seconds(0.001, 300)),
-    "db_retry_max_delay": ("SERVICE_DB_RETRY_MAX_DELAY", seconds(0.01, 300)),
-    "health_timeout": ("SERVICE_HEALTH_TIMEOUT", seconds(0.001, 60)),
-    "max_body_bytes": ("SERVICE_MAX_BODY_BYTES", integer(1024, 1 << 30)),
-    "max_key_bytes": ("SERVICE_MAX_KEY_BYTES", integer(1, 2000)),
-    "shutdown_timeout": ("SERVICE_SHUTDOWN_TIMEOUT", seconds(0, 3600)),
-    "loop": ("SERVICE_LOOP", choice(LOOPS)),
-    "log_level": ("SERVICE_LOG_LEVEL", choice(LOG_LEVELS)),
-    "access_log": ("SERVICE_ACCESS_LOG", choice(ACCESS_LOG_LEVELS)),
+# Config field <- parser; the variable is the field's row in SETTINGS.
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "host": text(),
+    "port": integer(0, 65535),
+    "served_by": text(empty_ok=True),
+    "pg_host": text(),
+    "pg_port": integer(1, 65535),
+    "pg_dbname": text(),
+    "pg_user": text(),
+    "pg_password": text(empty_ok=True),
+    "pool_min_size": integer(0, 1000),
+    "pool_max_size": integer(1, 1000),
+    "pool_acquire_timeout": seconds(0.001, 300),
+    "max_waiting": integer(0, 100_000),
+    "db_command_timeout": seconds(0.001, 3600),
+    "db_connect_timeout": seconds(0.001, 300),
+    "db_retry_max_delay": seconds(0.01, 300),
+    "health_timeout": seconds(0.001, 60),
+    "max_body_bytes": integer(1024, 1 << 30),
+    "max_key_bytes": integer(1, 2000),
+    "shutdown_timeout": seconds(0, 3600),
+    "loop": choice(LOOPS),
+    "log_level": choice(LOG_LEVELS),
+    "access_log": choice(ACCESS_LOG_LEVELS),
 }
-assert {env for env, _ in _PARSERS.values()} == set(ENV_VARS)
+assert set(_PARSERS) == {s.attr for s in SETTINGS}
 
 
 def _arg_parser() -> argparse.ArgumentParser:
@@ -165,9 +170,9 @@ def load_config(
         args = _arg_parser().parse_args(list(argv))
         values.update({k: v for k, v in vars(args).items() if v is not None})
     kwargs: dict[str, Any] = {}
-    for field_name, (env, parse) in _PARSERS.items():
-        if env in values:
-            kwargs[field_name] = parse(env, values[env])
+    for setting in SETTINGS:
+        if setting.env in values:
+            kwargs[setting.attr] = _PARSERS[setting.attr](setting.env, values[setting.env])
     config = Config(**kwargs)
     if config.pool_min_size > config.pool_max_size:
         raise ConfigError(
