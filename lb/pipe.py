@@ -363,32 +363,27 @@ class Pipe(asyncio.Protocol):
 
     def _close(self, why: str) -> None:
         """Close both sides once their buffered bytes are written."""
-        if self._closing:
-            return
-        self._closing = True
-        self.end = why
-        self._cancel_timer()
-        for transport in (self.client, self.upstream):
-            if transport is not None:
-                transport.close()
-        if self._connector is not None:
-            self._connector.cancel()
+        for transport in self._ending(why):
+            transport.close()
 
     def _abort(self, why: str, *, reset: bool) -> None:
         """Close both sides now, dropping buffered bytes; with ``reset``, peers get an RST."""
-        if self._closing:
-            return
-        self._closing = True
-        self.end = why
-        self._cancel_timer()
-        for transport in (self.client, self.upstream):
-            if transport is None:
-                continue
+        for transport in self._ending(why):
             if reset:
                 _linger_reset(transport)
             transport.abort()
+
+    def _ending(self, why: str) -> tuple[asyncio.Transport, ...]:
+        """Mark the connection as ending (once: later calls get nothing to close), stop its
+        timer and its connect step; the open transports, for the caller to close."""
+        if self._closing:
+            return ()
+        self._closing = True
+        self.end = why
+        self._cancel_timer()
         if self._connector is not None:
             self._connector.cancel()
+        return tuple(t for t in (self.client, self.upstream) if t is not None)
 
     @property
     def closing(self) -> bool:
