@@ -1,1 +1,1 @@
-"""varstack's variables API: aiohttp over an asyncpg pool."""
+"""varstack's variables API: aiohttp over a pool of asyncpg connections."""

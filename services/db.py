@@ -1,4 +1,4 @@
-"""The database: the asyncpg pool, its lifecycle, the schema step and the four statements.
+"""The database: the connection pool's lifecycle, the schema step and the four statements.
 
 Each API operation is one atomic statement, so concurrent requests cannot race between
 a check and a write.  The pool is created in the background with backoff, so the
