@@ -45,9 +45,7 @@ class Relay:
         "connect_timeout",
         "debug",
         "half_close_sweep",
-        "half_close_timeout",
         "idle_sweep",
-        "idle_timeout",
         "local_error_logged_at",
         "local_errors_unlogged",
         "loop",
@@ -77,8 +75,6 @@ class Relay:
         self.on_finish = on_finish
         self.connect_timeout = connect_timeout
         self.connect_retries = connect_retries
-        self.idle_timeout = idle_timeout
-        self.half_close_timeout = half_close_timeout
         self.buffer_size = buffer_size
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.local_error_logged_at = -_LOCAL_ERROR_LOG_INTERVAL
@@ -273,8 +269,7 @@ class Pipe(asyncio.Protocol):
             if not self._closing:
                 self._abort("no backend accepted" if tried else "no backends", reset=False)
         except Exception:
-            log.exception("connect step failed for client %s",
-                          _address(self.client) if self.peer == "?" else self.peer)
+            log.exception("connect step failed for client %s", _address(self.client))
             self._abort("internal error", reset=False)
         finally:
             self._connector = None

@@ -204,11 +204,7 @@ class Pool:
     async def close(self, timeout: float = 5.0) -> None:
         """Stop lending, close the idle connections, wait up to ``timeout`` for the lent ones,
         then terminate what is left."""
-        self._closing = True
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(PoolClosing("the pool is closing"))
+        self._stop_lending()
         idle, self._idle = list(self._idle), deque()
         self._open -= len(idle)
         try:
@@ -221,13 +217,17 @@ class Pool:
         for conn in (*idle, *self._lent):
             conn.terminate()
 
-    def terminate(self) -> None:
-        """Close every connection now."""
+    def _stop_lending(self) -> None:
+        """No more lending: every waiter gets :class:`PoolClosing`."""
         self._closing = True
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(PoolClosing("the pool is closing"))
+
+    def terminate(self) -> None:
+        """Close every connection now."""
+        self._stop_lending()
         for conn in (*self._idle, *self._lent):
             conn.terminate()
         self._open -= len(self._idle)
