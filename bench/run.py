@@ -104,6 +104,14 @@ def rotate(items: Sequence[str], round_no: int) -> list[str]:
     return order if round_no % 2 == 0 else order[::-1]
 
 
+def _wrk_with_cpu(url: str, *procs: Proc, **wrk_args: Any) -> tuple[load.LoadResult, list[float]]:
+    """One wrk run against ``url``, and the CPU seconds each of ``procs`` spent during it."""
+    before = [load.cpu_seconds(proc.pid) for proc in procs]
+    res = load.run_wrk(url, **wrk_args)
+    spent = [load.cpu_seconds(proc.pid) - cpu0 for proc, cpu0 in zip(procs, before, strict=True)]
+    return res, spent
+
+
 def _record(results: Results, section: str, metric: str, variant: str, round_no: int,
             res: load.LoadResult, **extra: float) -> None:
     results.runs.append({"section": section, "metric": metric, "variant": variant,
@@ -182,10 +190,8 @@ def section_balancer(procs: Procs, tools: Tools, opts: Options, results: Results
         say(f"balancer round {rnd + 1}/{opts.rounds}: keep-alive, new connection, bulk")
         for variant in rotate(small, rnd):
             proc = proxies[variant]
-            url = f"http://127.0.0.1:{proc.port}/"
-            cpu0, be0 = load.cpu_seconds(proc.pid), load.cpu_seconds(backend.pid)
-            res = load.run_wrk(url, seconds=secs, connections=CONNECTIONS, wrk=wrk)
-            cpu, be = load.cpu_seconds(proc.pid) - cpu0, load.cpu_seconds(backend.pid) - be0
+            res, (cpu, be) = _wrk_with_cpu(f"http://127.0.0.1:{proc.port}/", proc, backend,
+                                           seconds=secs, connections=CONNECTIONS, wrk=wrk)
             results.add("ka_rps", variant, res.rps)
             results.add("ka_cpu_ms_per_1k", variant, cpu / res.requests * 1e6)
             results.add("ka_backend_cpu_ms_per_1k", variant, be / res.requests * 1e6)
@@ -194,21 +200,17 @@ def section_balancer(procs: Procs, tools: Tools, opts: Options, results: Results
             results.commands.setdefault("keep-alive", res.command)
         for variant in rotate(small, rnd):
             proc = proxies[variant]
-            url = f"http://127.0.0.1:{proc.port}/"
-            cpu0 = load.cpu_seconds(proc.pid)
-            res = load.run_wrk(url, seconds=secs, connections=CONNECTIONS,
-                               headers=("Connection: close",), wrk=wrk)
-            cpu = load.cpu_seconds(proc.pid) - cpu0
+            res, (cpu,) = _wrk_with_cpu(f"http://127.0.0.1:{proc.port}/", proc, seconds=secs,
+                                        connections=CONNECTIONS,
+                                        headers=("Connection: close",), wrk=wrk)
             results.add("close_rps", variant, res.rps)
             results.add("close_cpu_ms_per_1k", variant, cpu / res.requests * 1e6)
             _record(results, "balancer", "new-connection", variant, rnd, res, cpu_s=cpu)
             results.commands.setdefault("new connection per request", res.command)
         for variant in rotate(bulk, rnd):
             proc = proxies[variant]
-            url = f"http://127.0.0.1:{proc.port}/bulk"
-            cpu0 = load.cpu_seconds(proc.pid)
-            res = load.run_wrk(url, seconds=secs, connections=BULK_CONNECTIONS, wrk=wrk)
-            cpu = load.cpu_seconds(proc.pid) - cpu0
+            res, (cpu,) = _wrk_with_cpu(f"http://127.0.0.1:{proc.port}/bulk", proc,
+                                        seconds=secs, connections=BULK_CONNECTIONS, wrk=wrk)
             results.add("bulk_mib_s", variant, res.mib_s)
             results.add("bulk_cpu_s_per_gib", variant, cpu / (res.bytes_read / (1 << 30)))
             _record(results, "balancer", "bulk", variant, rnd, res, cpu_s=cpu)
