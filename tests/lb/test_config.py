@@ -68,6 +68,7 @@ def test_env_is_read_and_flags_win() -> None:
         ({"LB_MAX_CONNECTIONS": "0"}, "LB_MAX_CONNECTIONS: must be an integer >= 1"),
         ({"LB_LOG_LEVEL": "loud"}, "LB_LOG_LEVEL: must be one of"),
         ({"LB_LOOP": "trio"}, "LB_LOOP: must be one of"),
+        ({"LB_IO_URING": "maybe"}, "LB_IO_URING: must be one of off, on, got 'maybe'"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
