@@ -42,7 +42,7 @@ def refuse_io_uring() -> str | None:
 
     libuv (under uvloop) then does each ``epoll_ctl`` as a plain system call instead of through an
     io_uring it submits one entry at a time and waits on.  Measured on the balancer, interleaved:
-    new connections/s x1.03 to x1.17 (medians of three runs), CPU per connection about 6% less.
+    new connections/s x0.98 to x1.17 over four runs (median x1.05), CPU per connection x0.95.
     Call it before the loop exists.  Nothing else changes: asyncio's own loop and the rest of the
     program never use io_uring.
 
