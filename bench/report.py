@@ -42,7 +42,7 @@ TARGETS: tuple[Target, ...] = (
            "where HAProxy closes. py-spy splits the user time into uvloop and libuv (39%), the "
            "interpreter (28%), the pipe's own Python (15%) and the weak references uvloop and "
            "asyncio keep of every transport and task (10%). Letting libuv batch epoll changes "
-           "through io_uring (`LB_IO_URING=on`) costs about 5% more."),
+           "through io_uring (`LB_IO_URING=on`) costs a few per cent more."),
     Target("balancer bulk MiB/s ÷ HAProxy's tuned (splice-auto, bufsize 65536)", "≥ 1.0",
            lambda r: r.ratios("bulk_mib_s", "ours", "haproxy-tuned"), True, 1.0, "1.25"),
     Target("balancer CPU per 1,000 keep-alive requests ÷ HAProxy's", "≤ 1.0",
