@@ -22,15 +22,19 @@ IO_URING = ("off", "on")
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
+_SECCOMP_SET_MODE_FILTER = 1
+#: Keep speculative store bypass as it was: kernels 4.17 to 5.15 otherwise turn on the SSBD and
+#: STIBP mitigations for any process that installs a filter, which would cost more than it saves.
+_SECCOMP_FILTER_FLAG_SPEC_ALLOW = 4
 _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_ERRNO = 0x00050000
 _BPF_LD_W_ABS = 0x20
 _BPF_JEQ_K = 0x15
 _BPF_RET_K = 0x06
-#: io_uring_setup has had the same number on every architecture since it came (Linux 5.1).
+#: io_uring_setup is 425 on both architectures the filter knows.
 _NR_IO_URING_SETUP = 425
-#: seccomp_data.arch of the architectures the filter knows; elsewhere it is not installed.
-_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+#: Per 64-bit architecture the filter knows: seccomp_data.arch, and the number of seccomp(2).
+_ARCHES = {"x86_64": (0xC000003E, 317), "aarch64": (0xC00000B7, 277)}
 
 
 class _SockFprog(ctypes.Structure):
@@ -49,9 +53,13 @@ def refuse_io_uring() -> str | None:
 
     Returns None once the filter is in place, or why it could not be installed.
     """
-    arch = _AUDIT_ARCH.get(platform.machine())
-    if arch is None or os.uname().sysname != "Linux":
-        return f"no seccomp filter for {platform.system()} {platform.machine()}"
+    known = _ARCHES.get(platform.machine())
+    # A 32-bit Python on a 64-bit kernel makes its calls under another ABI, which the filter
+    # would let through: say so instead of installing a filter that does nothing.
+    if known is None or os.uname().sysname != "Linux" or struct.calcsize("P") != 8:
+        return (f"no seccomp filter for {platform.system()} {platform.machine()} "
+                f"with {struct.calcsize('P') * 8}-bit Python")
+    arch, nr_seccomp = known
     program = b"".join((
         struct.pack("HBBI", _BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
         struct.pack("HBBI", _BPF_JEQ_K, 0, 3, arch),  # another ABI: allow
@@ -66,9 +74,15 @@ def refuse_io_uring() -> str | None:
     prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong,
                       ctypes.c_ulong)
     # No new privileges is what lets a process without CAP_SYS_ADMIN install a filter.
-    if prctl(_PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0 or prctl(
-        _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0
-    ) != 0:
+    if prctl(_PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0:
+        return f"seccomp filter refused: {os.strerror(ctypes.get_errno())}"
+    seccomp = libc.syscall
+    seccomp.argtypes = (ctypes.c_long, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p)
+    if seccomp(nr_seccomp, _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_SPEC_ALLOW,
+               ctypes.addressof(fprog)) == 0:
+        return None
+    # Before 4.17 the flag is unknown (EINVAL), and so is the speculation default it avoids.
+    if prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
         return f"seccomp filter refused: {os.strerror(ctypes.get_errno())}"
     return None
 

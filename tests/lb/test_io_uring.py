@@ -22,7 +22,9 @@ def io_uring_rings(pid: int) -> int:
 def seccomp_filters(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         match = re.search(r"^Seccomp_filters:\s+(\d+)", status.read(), re.M)
-    return int(match.group(1)) if match else 0
+    if match is None:
+        pytest.skip("this kernel (before 5.9) does not count seccomp filters in /proc")
+    return int(match.group(1))
 
 
 def lb_env(port: int, **extra: str) -> dict[str, str]:
@@ -31,10 +33,13 @@ def lb_env(port: int, **extra: str) -> dict[str, str]:
 
 
 async def test_by_default_uvloop_gets_no_io_uring_and_proxies_as_usual() -> None:
-    async with EchoBackend() as echo, LbProcess(lb_env(echo.port, LB_LOOP="uvloop")) as lb:
+    async with EchoBackend() as echo, LbProcess(
+        lb_env(echo.port, LB_LOOP="uvloop", LB_IO_URING="off")
+    ) as lb:
         assert await exchange(lb.port, b"ping") == b"ping"
-        assert io_uring_rings(lb.pid) == 0
+        # The filter count is the proof; no ring also holds where io_uring is refused anyway.
         assert seccomp_filters(lb.pid) == seccomp_filters(os.getpid()) + 1
+        assert io_uring_rings(lb.pid) == 0
         assert "has no effect" not in lb.output()
 
 
@@ -49,6 +54,8 @@ async def test_on_leaves_libuv_its_io_uring() -> None:
 
 
 async def test_the_asyncio_loop_is_left_alone() -> None:
-    async with EchoBackend() as echo, LbProcess(lb_env(echo.port, LB_LOOP="asyncio")) as lb:
+    async with EchoBackend() as echo, LbProcess(
+        lb_env(echo.port, LB_LOOP="asyncio", LB_IO_URING="off")
+    ) as lb:
         assert await exchange(lb.port, b"ping") == b"ping"
         assert seccomp_filters(lb.pid) == seccomp_filters(os.getpid())
