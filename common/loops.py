@@ -47,7 +47,7 @@ def refuse_io_uring() -> str | None:
     libuv (under uvloop) then does each ``epoll_ctl`` as a plain system call instead of through an
     io_uring it submits one entry at a time and waits on, as it does in containers, whose default
     seccomp profiles refuse io_uring.  Measured on the balancer, interleaved: new connections/s
-    x0.98 to x1.17 over six runs (median x1.03); keep-alive unchanged within the noise.
+    x0.98 to x1.17 over seven runs (median x1.03); keep-alive unchanged within the noise.
     Call it before the loop exists.  Nothing else changes: asyncio's own loop and the rest of the
     program never use io_uring.
 
