@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from common.loops import loop_factory, loop_name, prepare_loop, run
+from common.loops import apply_io_uring, loop_factory, loop_name, run
 from lb.config import Config, ConfigError
 from lb.server import Server
 
@@ -102,8 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     raise_fd_limit(config)
-    prepare_loop(factory, config.io_uring, variable="LB_IO_URING", log=log)
     log.info("varstack-lb starting on the %s loop: %s", loop_name(factory), config)
+    factory = apply_io_uring(factory, config.io_uring, variable="LB_IO_URING", log=log)
     return run(serve(config), factory=factory, address=f"{config.host}:{config.port}", log=log)
 
 

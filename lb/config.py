@@ -101,8 +101,9 @@ SETTINGS: tuple[Setting, ...] = (
             help="event loop: `auto` (uvloop when installed), `uvloop` or `asyncio`"),
     Setting(env="LB_IO_URING", attr="io_uring", default="off",
             help="`on` lets uvloop's libuv batch `epoll_ctl` through io_uring; `off` keeps it "
-                 "on plain `epoll_ctl` by refusing io_uring to the process with a seccomp filter "
-                 "(as container engines do; a few per cent more new connections/s)"),
+                 "on plain `epoll_ctl` by creating the loop in a short-lived thread that a seccomp "
+                 "filter keeps from io_uring (as container engines do; a few per cent more new "
+                 "connections/s)"),
     Setting(env="LB_LOG_LEVEL", attr="log_level", default="info",
             help="`debug` (one line per closed connection), `info`, `warning` or `error`"),
 )
