@@ -15,7 +15,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -402,6 +402,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def refusing_addresses(count: int) -> Iterator[list[tuple[str, int]]]:
+    """``count`` addresses that refuse every connect for as long as the block runs.
+
+    A port merely found free may be handed out again (to a test's own server) or picked as
+    the source port of a connect to it, which then connects to itself. A socket bound there
+    without SO_REUSEADDR, never listening, keeps the port from both: connects to it are
+    refused, and the kernel gives it to no other bind and to no connect as a source port.
+    """
+    with contextlib.ExitStack() as holders:
+        addresses = []
+        for _ in range(count):
+            sock = holders.enter_context(socket.socket())
+            sock.bind((HOST, 0))
+            addresses.append((HOST, int(sock.getsockname()[1])))
+        yield addresses
 
 
 def buffered(server: Server) -> int:

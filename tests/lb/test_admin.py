@@ -15,68 +15,69 @@ from tests.lb.lbkit import (
     free_port,
     http_get,
     lb_config,
+    refusing_addresses,
     running_lb,
 )
 
 
 async def test_stats_metrics_and_page() -> None:
-    dead = (HOST, free_port())
-    async with EchoBackend() as echo, running_lb(
-        lb_config(echo.address, dead, check_interval=60)
-    ) as lb:
-        admin = Admin(lb)
-        await admin.start(HOST, 0)
-        try:
-            for i in range(4):
-                assert await exchange(lb.port, b"x" * (i + 1)) == b"x" * (i + 1)
-            await eventually(lambda: not lb.pipes)
+    with refusing_addresses(1) as (dead,):
+        async with EchoBackend() as echo, running_lb(
+            lb_config(echo.address, dead, check_interval=60)
+        ) as lb:
+            admin = Admin(lb)
+            await admin.start(HOST, 0)
+            try:
+                for i in range(4):
+                    assert await exchange(lb.port, b"x" * (i + 1)) == b"x" * (i + 1)
+                await eventually(lambda: not lb.pipes)
 
-            status, headers, body = await http_get(admin.port, "/stats")
-            assert status == 200
-            assert headers["content-type"].startswith("application/json")
-            stats = json.loads(body)
-            live, gone = stats["backends"]
-            assert live == {
-                "address": echo.label,
-                "state": "up",
-                "active_connections": 0,
-                "total_connections": 4,
-                "failed_connects": 0,
-                "bytes_to_backend": 10,
-                "bytes_to_client": 10,
-                "last_check": "connect ok",
-                "last_change": "discovered",
-            }
-            assert gone["state"] == "down"
-            assert gone["failed_connects"] == 1
-            assert stats["totals"]["total_connections"] == 4
-            assert stats["totals"]["bytes_to_client"] == 10
-            assert stats["totals"]["backends_up"] == 1
+                status, headers, body = await http_get(admin.port, "/stats")
+                assert status == 200
+                assert headers["content-type"].startswith("application/json")
+                stats = json.loads(body)
+                live, gone = stats["backends"]
+                assert live == {
+                    "address": echo.label,
+                    "state": "up",
+                    "active_connections": 0,
+                    "total_connections": 4,
+                    "failed_connects": 0,
+                    "bytes_to_backend": 10,
+                    "bytes_to_client": 10,
+                    "last_check": "connect ok",
+                    "last_change": "discovered",
+                }
+                assert gone["state"] == "down"
+                assert gone["failed_connects"] == 1
+                assert stats["totals"]["total_connections"] == 4
+                assert stats["totals"]["bytes_to_client"] == 10
+                assert stats["totals"]["backends_up"] == 1
 
-            status, headers, body = await http_get(admin.port, "/metrics")
-            assert status == 200
-            assert headers["content-type"].startswith("text/plain")
-            samples = {
-                (s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(body.decode())
-                for s in family.samples
-            }
-            assert samples[("lb_backend_up", (("backend", echo.label),))] == 1.0
-            assert samples[("lb_backend_up", (("backend", gone["address"]),))] == 0.0
-            assert samples[("lb_backend_connections_total", (("backend", echo.label),))] == 4
-            key = ("lb_backend_bytes_total", (("backend", echo.label), ("direction", "to_client")))
-            assert samples[key] == 10
-            assert samples[("lb_connections_active", ())] == 0
+                status, headers, body = await http_get(admin.port, "/metrics")
+                assert status == 200
+                assert headers["content-type"].startswith("text/plain")
+                samples = {
+                    (s.name, tuple(sorted(s.labels.items()))): s.value
+                    for family in text_string_to_metric_families(body.decode())
+                    for s in family.samples
+                }
+                assert samples[("lb_backend_up", (("backend", echo.label),))] == 1.0
+                assert samples[("lb_backend_up", (("backend", gone["address"]),))] == 0.0
+                assert samples[("lb_backend_connections_total", (("backend", echo.label),))] == 4
+                labels = (("backend", echo.label), ("direction", "to_client"))
+                assert samples[("lb_backend_bytes_total", labels)] == 10
+                assert samples[("lb_connections_active", ())] == 0
 
-            status, headers, body = await http_get(admin.port, "/")
-            assert status == 200
-            assert headers["content-type"].startswith("text/html")
-            page = body.decode()
-            assert '<meta http-equiv="refresh"' in page
-            assert echo.label in page
-            assert gone["address"] in page
-        finally:
-            await admin.stop()
+                status, headers, body = await http_get(admin.port, "/")
+                assert status == 200
+                assert headers["content-type"].startswith("text/html")
+                page = body.decode()
+                assert '<meta http-equiv="refresh"' in page
+                assert echo.label in page
+                assert gone["address"] in page
+            finally:
+                await admin.stop()
 
 
 async def test_live_connection_counts_show_in_stats() -> None:

@@ -15,10 +15,10 @@ from tests.lb.lbkit import (
     connect,
     eventually,
     exchange,
-    free_port,
     http_get,
     lb_config,
     read_to_end,
+    refusing_addresses,
     running_lb,
 )
 
@@ -115,12 +115,12 @@ async def test_connect_timeouts_are_bounded_by_retries() -> None:
 
 async def test_refused_connects_try_every_backend_once() -> None:
     """Refusals cost no timeout: with 4 dead backends and one alive, the client is served."""
-    dead = [("127.0.0.1", free_port()) for _ in range(4)]
-    async with EchoBackend() as echo:
-        config = lb_config(*dead, echo.address, connect_retries=0, check_interval=60)
-        async with running_lb(config) as lb:
-            assert await exchange(lb.port, b"hello") == b"hello"
-            assert lb.stats()["totals"]["failed_connects"] == 4
+    with refusing_addresses(4) as dead:
+        async with EchoBackend() as echo:
+            config = lb_config(*dead, echo.address, connect_retries=0, check_interval=60)
+            async with running_lb(config) as lb:
+                assert await exchange(lb.port, b"hello") == b"hello"
+                assert lb.stats()["totals"]["failed_connects"] == 4
 
 
 async def test_failing_health_checks_take_a_backend_out_and_passing_bring_it_back() -> None:
@@ -155,13 +155,13 @@ async def test_all_backends_down_still_get_traffic() -> None:
 
 
 async def test_no_backend_accepts_client_is_closed_at_once() -> None:
-    dead = [("127.0.0.1", free_port()) for _ in range(3)]
-    async with running_lb(lb_config(*dead, check_interval=60)) as lb:
-        reader, writer = await connect(lb.port)
-        writer.write(b"anyone?")
-        assert await asyncio.wait_for(read_to_end(reader), 5) == b""
-        await close(writer)
-        await eventually(lambda: not lb.pipes)
+    with refusing_addresses(3) as dead:
+        async with running_lb(lb_config(*dead, check_interval=60)) as lb:
+            reader, writer = await connect(lb.port)
+            writer.write(b"anyone?")
+            assert await asyncio.wait_for(read_to_end(reader), 5) == b""
+            await close(writer)
+            await eventually(lambda: not lb.pipes)
 
 
 async def test_no_replay_once_bytes_were_relayed() -> None:

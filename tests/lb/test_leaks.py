@@ -14,9 +14,9 @@ from tests.lb.lbkit import (
     connect,
     eventually,
     exchange,
-    free_port,
     lb_config,
     open_fds,
+    refusing_addresses,
     reset,
     running_lb,
     tcp_states,
@@ -45,37 +45,37 @@ async def one_connection(port: int, i: int) -> None:
 
 async def churn(count: int, *, concurrency: int = 50) -> None:
     async with EchoBackend() as echo:
-        dead = ("127.0.0.1", free_port())  # every round of failover adds a refused connect
-        config = lb_config(echo.address, dead, check_interval=0.05, check_rise=1,
-                           connect_timeout=3.0)
-        async with running_lb(config) as lb:
-            for i in range(8):  # warm up: imports, caches, the first checks
-                await one_connection(lb.port, i)
-            await eventually(lambda: not lb.pipes)
-            await asyncio.sleep(0.1)
-            fds = open_fds()
-            tasks = len(asyncio.all_tasks())
+        with refusing_addresses(1) as (dead,):  # every round of failover adds a refused connect
+            config = lb_config(echo.address, dead, check_interval=0.05, check_rise=1,
+                               connect_timeout=3.0)
+            async with running_lb(config) as lb:
+                for i in range(8):  # warm up: imports, caches, the first checks
+                    await one_connection(lb.port, i)
+                await eventually(lambda: not lb.pipes)
+                await asyncio.sleep(0.1)
+                fds = open_fds()
+                tasks = len(asyncio.all_tasks())
 
-            semaphore = asyncio.Semaphore(concurrency)
+                semaphore = asyncio.Semaphore(concurrency)
 
-            async def limited(i: int) -> None:
-                async with semaphore:
-                    with contextlib.suppress(ConnectionError):
-                        await one_connection(lb.port, i)
+                async def limited(i: int) -> None:
+                    async with semaphore:
+                        with contextlib.suppress(ConnectionError):
+                            await one_connection(lb.port, i)
 
-            async with asyncio.timeout(120):
-                await asyncio.gather(*(limited(i) for i in range(count)))
-            await eventually(lambda: not lb.pipes and not lb.waiting, timeout=10)
-            await eventually(lambda: open_fds() <= fds, timeout=10)
-            # Health checks come and go every 50 ms; between two rounds, only the owners remain.
-            await eventually(lambda: len(asyncio.all_tasks()) <= tasks, timeout=10, step=0.001)
-            assert not [t for t in asyncio.all_tasks() if "Pipe." in repr(t.get_coro())]
-            assert close_wait_of_process() == 0
-            assert tcp_states(lb.port).get("CLOSE_WAIT", 0) == 0
-            assert tcp_states(echo.port).get("CLOSE_WAIT", 0) == 0
-            totals = lb.stats()["totals"]
-            assert totals["finished_connections"] == totals["accepted_connections"]
-            assert lb.pool.backends[0].active == 0
+                async with asyncio.timeout(120):
+                    await asyncio.gather(*(limited(i) for i in range(count)))
+                await eventually(lambda: not lb.pipes and not lb.waiting, timeout=10)
+                await eventually(lambda: open_fds() <= fds, timeout=10)
+                # Health checks come and go every 50 ms; between two rounds, only the owners remain.
+                await eventually(lambda: len(asyncio.all_tasks()) <= tasks, timeout=10, step=0.001)
+                assert not [t for t in asyncio.all_tasks() if "Pipe." in repr(t.get_coro())]
+                assert close_wait_of_process() == 0
+                assert tcp_states(lb.port).get("CLOSE_WAIT", 0) == 0
+                assert tcp_states(echo.port).get("CLOSE_WAIT", 0) == 0
+                totals = lb.stats()["totals"]
+                assert totals["finished_connections"] == totals["accepted_connections"]
+                assert lb.pool.backends[0].active == 0
 
 
 async def test_churn_returns_to_baseline() -> None:
