@@ -40,7 +40,6 @@ from chaos.load import Attempt, Load, backends_by_port, reasons
 from chaos.model import State
 from chaos.rawhttp import Connection, HttpError
 from stack.config import StackConfig
-from stack.pg import free_port
 from stack.process import Child
 from stack.supervisor import Stack, http_status, port_in_use
 
@@ -117,12 +116,15 @@ def stack_config(
     base.update(FAST_ENV)
     base.update({"SERVICE_LOOP": loop, "LB_LOOP": loop})
     base.update(env or {})
+    # One run below the ephemeral range: no port of it can be handed out (to the embedded
+    # PostgreSQL's pick, to a connect) before the stack binds it.
+    first = free_port_run(server_count + 2)
     values: dict[str, Any] = {
         "server_count": server_count,
         "lb_host": "127.0.0.1",
-        "lb_port": free_port(),
-        "lb_admin_port": free_port(),
-        "backend_port": free_port_run(server_count),
+        "lb_port": first,
+        "lb_admin_port": first + 1,
+        "backend_port": first + 2,
         "data_dir": data_dir,
         "restart_delay": 1.0,
         "stop_timeout": 10.0,

@@ -8,19 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from stack.pg import free_port
-from tests.deploy.supervised import Supervisor, consecutive_free_ports
+from chaos.system import free_port_run
+from tests.deploy.supervised import Supervisor
 
 
 @pytest.fixture
 def stack_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PGSQL_", "LB_", "STACK_"))}
+    first = free_port_run(4)  # below the ephemeral range: not handed out meanwhile
     env.update({
         "SERVER_COUNT": "2",
         "LB_HOST": "127.0.0.1",
-        "LB_PORT": str(free_port()),
-        "LB_ADMIN_PORT": str(free_port()),
-        "STACK_BACKEND_PORT": str(consecutive_free_ports(2)),
+        "LB_PORT": str(first),
+        "LB_ADMIN_PORT": str(first + 1),
+        "STACK_BACKEND_PORT": str(first + 2),
         "STACK_DATA_DIR": str(tmp_path / "varstack"),
         "STACK_RESTART_DELAY": "1",  # compose's 5 s, shortened to keep the test short
         "SERVICE_ACCESS_LOG": "off",

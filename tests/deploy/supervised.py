@@ -7,7 +7,6 @@ import contextlib
 import http.client
 import json
 import queue
-import random
 import subprocess
 import sys
 import threading
@@ -15,8 +14,6 @@ import time
 from pathlib import Path
 
 import psutil
-
-from stack.supervisor import port_in_use
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,6 +90,15 @@ class Supervisor:
         self._seen.update((child.pid, child) for child in children)
         return children
 
+    def commands(self) -> list[tuple[psutil.Process, list[str]]]:
+        """:meth:`processes` with their command lines, leaving out those gone meanwhile (a
+        PostgreSQL worker may exit between the listing and the look)."""
+        found = []
+        for proc in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+                found.append((proc, proc.cmdline()))
+        return found
+
     def replica(self, port: int) -> psutil.Process:
         for proc in self.processes():
             try:
@@ -126,13 +132,3 @@ def served_by(port: int, n: int) -> set[str]:
         if status == 200:
             seen.add(who)
     return seen
-
-
-def consecutive_free_ports(n: int) -> int:
-    # Below the ephemeral range: there, client connections' TIME_WAIT entries often hold a
-    # port that a listener cannot take.
-    for _ in range(200):
-        base = random.randrange(20000, 32000)
-        if not any(port_in_use("127.0.0.1", base + i) for i in range(n)):
-            return base
-    raise AssertionError("no run of free ports")

@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from stack.pg import free_port
-from tests.deploy.supervised import ROOT, Supervisor, consecutive_free_ports, request
+from chaos.system import free_port_run
+from tests.deploy.supervised import ROOT, Supervisor, request
 
 READY = "Ctrl-C (or SIGTERM) stops everything"
 
@@ -87,7 +87,7 @@ def test_after_a_sigkill_the_children_die_and_the_next_start_stops_the_orphaned_
     again: Supervisor | None = None
     try:
         sup.wait_for(READY, timeout=90)
-        python_children = [p for p in sup.processes() if "-m" in p.cmdline()]
+        python_children = [p for p, command in sup.commands() if "-m" in command]
         assert len(python_children) == 2, python_children  # the replica and the balancer
         [postmaster] = postmasters(pgdata)
         sup.proc.kill()
@@ -127,8 +127,9 @@ def test_a_live_stack_s_database_is_not_taken_for_an_orphan(
         first.wait_for(READY, timeout=90)
         [postmaster] = postmasters(pgdata)
         # A second stack on the same data directory, on other ports: refused, not "reclaimed".
-        other = one_replica_env | {"LB_PORT": str(free_port()), "LB_ADMIN_PORT": "0",
-                                   "STACK_BACKEND_PORT": str(consecutive_free_ports(1))}
+        port = free_port_run(2)
+        other = one_replica_env | {"LB_PORT": str(port), "LB_ADMIN_PORT": "0",
+                                   "STACK_BACKEND_PORT": str(port + 1)}
         second = Supervisor(other)
         try:
             assert second.proc.wait(60) == 1, second.log()
@@ -173,7 +174,7 @@ def test_a_replica_exiting_0_is_not_restarted_and_the_balancer_exiting_0_stops_t
         sup.wait_for("backend-1    | exited with status 0; not restarted", timeout=20)
         sup.wait_for("backend-1 will not run again; 1 of 2 replica(s) left", timeout=5)
         assert sup.proc.poll() is None
-        [balancer] = [p for p in sup.processes() if p.cmdline()[-2:] == ["-m", "lb"]]
+        [balancer] = [p for p, command in sup.commands() if command[-2:] == ["-m", "lb"]]
         balancer.terminate()  # someone SIGTERMs the balancer: it drains and exits 0
         assert sup.proc.wait(60) == 1, sup.log()
         log = sup.log()

@@ -6,13 +6,13 @@ import json
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from chaos.system import free_port_run
 from lb.admin import Admin
 from tests.lb.lbkit import (
     HOST,
     EchoBackend,
     eventually,
     exchange,
-    free_port,
     http_get,
     lb_config,
     refusing_addresses,
@@ -97,7 +97,7 @@ async def test_live_connection_counts_show_in_stats() -> None:
 
 
 async def test_admin_listener_started_by_the_server() -> None:
-    port = free_port()
+    port = free_port_run(1)  # below the ephemeral range: not handed out meanwhile
     async with EchoBackend() as echo, running_lb(lb_config(echo.address, admin_port=port)) as lb:
         assert lb.admin_port == port
         status, _, body = await http_get(port, "/stats")

@@ -19,13 +19,14 @@ from chaos.system import (
     check_durability,
     check_leaks,
     child_env,
+    free_port_run,
     get_json,
     setting,
     stop_children,
     summarize_failures,
     wait_until,
 )
-from stack.pg import EmbeddedPostgres, free_port
+from stack.pg import EmbeddedPostgres
 from stack.process import Child, Output, RestartPolicy
 from stack.supervisor import http_status
 from tests.system.conftest import loop_name
@@ -76,7 +77,8 @@ async def _scenario(net: Net, pg: EmbeddedPostgres, output: Output, loop: str,
               output, RestartPolicy(0, 1, 1))
         for i, address in enumerate(net.addresses)
     ]
-    lb_port, admin_port = free_port(), free_port()
+    lb_port = free_port_run(2)  # below the ephemeral range: not handed out meanwhile
+    admin_port = lb_port + 1
     env = child_env({
         "LB_HOST": "127.0.0.1", "LB_PORT": str(lb_port), "LB_ADMIN_HOST": "127.0.0.1",
         "LB_ADMIN_PORT": str(admin_port), "SERVER_COUNT": "3",

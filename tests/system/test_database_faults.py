@@ -29,7 +29,7 @@ from chaos.system import (
     summarize_failures,
     wait_until,
 )
-from stack.pg import EmbeddedPostgres, free_port
+from stack.pg import EmbeddedPostgres
 from stack.process import Child, Output, RestartPolicy
 from stack.supervisor import http_status
 from tests.system.conftest import StackFactory, finish, load_for, loop_name
@@ -82,9 +82,10 @@ async def test_replicas_started_before_postgresql_are_excluded_until_it_starts(
     loop = loop_name()
     lines = Lines()
     output = Output(lines)
-    first = free_port_run(3)
+    # One run below the ephemeral range: no port of it can be handed out meanwhile.
+    first = free_port_run(5)
     ports = [first, first + 1, first + 2]
-    lb_port, admin_port = free_port(), free_port()
+    lb_port, admin_port = first + 3, first + 4
     replicas = [
         Child(f"backend-{i + 1}", [sys.executable, "-m", "services"],
               child_env({**own_postgres.env, "SERVICE_HOST": "127.0.0.1",
