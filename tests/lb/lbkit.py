@@ -118,12 +118,16 @@ class _Listener:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Registered at accept, not when the handler first runs: a connection accepted just as
+        # stop() runs is then reset and its handler cancelled like the others, not left open.
         self.accepted += 1
         self.writers.add(writer)
-        task = asyncio.current_task()
-        assert task is not None
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
         self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self.handle(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -133,7 +137,6 @@ class _Listener:
             pass
         finally:
             self.writers.discard(writer)
-            self.tasks.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
@@ -442,10 +445,10 @@ def lb_config(*backends: tuple[str, int], **overrides: Any) -> Config:
         "admin_port": 0,
         "check_mode": "tcp",
         "check_interval": 0.1,
-        "check_timeout": 0.5,
+        "check_timeout": 2.0,
         "check_rise": 2,
         "check_fall": 2,
-        "connect_timeout": 0.5,
+        "connect_timeout": 5.0,
         "drain_timeout": 2.0,
     }
     base.update(overrides)

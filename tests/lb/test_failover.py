@@ -73,7 +73,7 @@ async def test_killed_backend_is_skipped_then_used_again_once_it_passes_checks()
 
 async def test_blackholed_backend_connect_times_out_then_next_backend() -> None:
     async with Blackhole() as hole, EchoBackend() as echo:
-        config = lb_config(hole.address, echo.address, connect_timeout=0.3, check_interval=60)
+        config = lb_config(hole.address, echo.address, connect_timeout=1.0, check_interval=60)
         async with running_lb(config) as lb:
             # The first client is sent to the blackhole first, waits one connect timeout,
             # and is then served by the next backend: it never sees the failure.
@@ -89,7 +89,7 @@ async def test_blackholed_backend_connect_times_out_then_next_backend() -> None:
 
 async def test_client_bytes_sent_during_failover_arrive_once() -> None:
     async with Blackhole() as hole, EchoBackend() as echo:
-        config = lb_config(hole.address, echo.address, connect_timeout=0.3, check_interval=60)
+        config = lb_config(hole.address, echo.address, connect_timeout=1.0, check_interval=60)
         async with running_lb(config) as lb:
             reader, writer = await connect(lb.port)
             writer.write(b"sent before any backend answered")
@@ -103,12 +103,12 @@ async def test_connect_timeouts_are_bounded_by_retries() -> None:
         backends = (hole1.address, hole2.address, echo.address)
         # One retry (HAProxy's meaning): hole1 times out, the retry on hole2 times out too,
         # and the client is closed: two timeouts in all.
-        config = lb_config(*backends, connect_timeout=0.2, connect_retries=1, check_interval=60)
+        config = lb_config(*backends, connect_timeout=1.0, connect_retries=1, check_interval=60)
         async with running_lb(config) as lb:
             assert await exchange(lb.port, b"lost") == b""
             assert lb.stats()["totals"]["failed_connects"] == 2
         # Two retries: the third backend is reached.
-        config = lb_config(*backends, connect_timeout=0.2, connect_retries=2, check_interval=60)
+        config = lb_config(*backends, connect_timeout=1.0, connect_retries=2, check_interval=60)
         async with running_lb(config) as lb:
             assert await exchange(lb.port, b"kept") == b"kept"
 

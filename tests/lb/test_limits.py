@@ -130,13 +130,14 @@ async def test_timeouts_are_never_early_and_each_keeps_its_own_length(
     async with FuncBackend(hang) as backend, running_lb(
         lb_config(backend.address, idle_timeout=1.2, half_close_timeout=0.3)
     ) as lb:
+        # Each clock starts before the event the balancer times from, never after it.
+        idle_since = loop.time()
         idle_reader, idle_writer = await connect(lb.port)
         await eventually(lambda: len(lb.pipes) == 1)
-        idle_since = loop.time()
         half_reader, half_writer = await connect(lb.port)
         await eventually(lambda: len(lb.pipes) == 2)
-        half_writer.write_eof()
         half_since = loop.time()
+        half_writer.write_eof()
 
         assert await asyncio.wait_for(read_to_end(half_reader), 5) == b""
         half_lasted = loop.time() - half_since

@@ -38,6 +38,9 @@ def config_for(pg: Any, **overrides: Any) -> Config:
         pg_dbname=pg.dbname,
         access_log="off",
         db_retry_max_delay=0.2,
+        # Tests of the acquire timeout set their own; elsewhere a stall of a loaded machine
+        # must not turn a queued request into "database busy".
+        pool_acquire_timeout=30.0,
     )
     return dataclasses.replace(base, **overrides)
 

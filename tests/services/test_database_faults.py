@@ -182,7 +182,8 @@ async def test_a_statement_over_the_command_timeout_is_503(
     postgres: Any, clean_db: asyncpg.Connection
 ) -> None:
     await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
-    config = config_for(postgres, db_command_timeout=0.3)
+    # Long enough for the GET after it (on a new connection) on a loaded machine.
+    config = config_for(postgres, db_command_timeout=1.5)
     async with run_service(config) as service, aiohttp.ClientSession() as http:
         await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
         async with http.put(f"{service.url}/edit_var", json={"key": "k", "value": "w"}) as r:
