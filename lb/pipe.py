@@ -111,6 +111,7 @@ class Pipe(asyncio.Protocol):
         "_done",
         "_idle_ticks",
         "_pending",
+        "_redispatched",
         "_sweep",
         "_upstream_full",
         "backend",
@@ -155,6 +156,7 @@ class Pipe(asyncio.Protocol):
         self._upstream_full = False
         self._closing = False
         self._done = False
+        self._redispatched = False
 
     # --- the client side (asyncio.Protocol) ---------------------------------------------------
 
@@ -224,10 +226,10 @@ class Pipe(asyncio.Protocol):
             return
         self._connector = self.relay.loop.create_task(self._connect())
 
-    async def _connect(self) -> None:
+    async def _connect(self, failed: Backend | None = None) -> None:
         relay = self.relay
         pool = relay.pool
-        tried: list[Backend] = []
+        tried: list[Backend] = [] if failed is None else [failed]
         timeouts_left = relay.connect_retries
         try:
             while not self._closing:
@@ -337,11 +339,36 @@ class Pipe(asyncio.Protocol):
         if backend is not None:
             backend.active -= 1
         if not self._closing:
-            if exc is not None:
+            if exc is not None and self._unused() and backend is not None:
+                self._redispatch(backend)
+            elif exc is not None:
                 self._abort("backend reset", reset=True)
             else:
                 self._close("backend closed")
         self._maybe_done()
+
+    def _unused(self) -> bool:
+        """Nothing has passed in either direction yet (so the backend saw nothing of the
+        client's), and the connection has not been moved once already."""
+        return (self.bytes_to_backend == 0 and self.bytes_to_client == 0
+                and not self.upstream_eof and self.client_open and not self._redispatched)
+
+    def _redispatch(self, backend: Backend) -> None:
+        """The backend reset the connection before any byte passed: the client is moved to
+        another backend, as if the connect had failed.
+
+        A replica killed with connections still in its accept queue resets them: without
+        this, each such client would get a reset for a request it has not even sent.
+        """
+        self._redispatched = True
+        self.relay.pool.connect_failed(backend, "reset before any byte")
+        self.upstream = None
+        self._pending = []  # what the client sends meanwhile waits for the next backend
+        self._upstream_full = False
+        self._cancel_timer()
+        if not self.client_eof:
+            self.client.pause_reading()  # type: ignore[union-attr]  # set before any attach
+        self._connector = self.relay.loop.create_task(self._connect(backend))
 
     # --- endings ------------------------------------------------------------------------------
 

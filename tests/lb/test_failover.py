@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -162,6 +163,31 @@ async def test_no_backend_accepts_client_is_closed_at_once() -> None:
             assert await asyncio.wait_for(read_to_end(reader), 5) == b""
             await close(writer)
             await eventually(lambda: not lb.pipes)
+
+
+async def test_a_backend_dying_with_the_connection_in_its_accept_queue_costs_the_client_nothing(
+) -> None:
+    """A replica killed before it accepted: the kernel resets its queued connections. Nothing
+    has passed yet, so the client is moved to the next backend, and the dead one is down."""
+    queue_only = socket.socket()  # listens, never accepts: a process about to be killed
+    queue_only.bind(("127.0.0.1", 0))
+    queue_only.listen(8)
+    try:
+        async with EchoBackend() as echo, running_lb(
+            lb_config(queue_only.getsockname(), echo.address, check_interval=60)
+        ) as lb:
+            reader, writer = await connect(lb.port)
+            await eventually(lambda: lb.pool.backends[0].active == 1)  # queued there
+            queue_only.close()  # the kill: its queue is reset
+            await eventually(lambda: lb.pool.backends[1].active == 1)
+            assert lb.stats()["backends"][0]["state"] == "down"
+            writer.write(b"sent after the move")
+            writer.write_eof()
+            assert await asyncio.wait_for(read_to_end(reader), 5) == b"sent after the move"
+            await close(writer)
+            assert lb.pool.backends[0].failed_connects == 1
+    finally:
+        queue_only.close()
 
 
 async def test_no_replay_once_bytes_were_relayed() -> None:
