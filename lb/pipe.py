@@ -274,7 +274,9 @@ class Pipe(asyncio.Protocol):
             log.exception("connect step failed for client %s", _address(self.client))
             self._abort("internal error", reset=False)
         finally:
-            self._connector = None
+            # A backend lost during the attach may have started the next connect step already.
+            if self._connector is asyncio.current_task():
+                self._connector = None
             self._maybe_done()
 
     def _connect_timed_out(self) -> None:
