@@ -100,12 +100,10 @@ class Supervisor:
         return found
 
     def replica(self, port: int) -> psutil.Process:
-        for proc in self.processes():
-            try:
-                if "services" in proc.cmdline() and proc.environ().get("SERVICE_PORT") == str(port):
+        for proc, command in self.commands():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+                if "services" in command and proc.environ().get("SERVICE_PORT") == str(port):
                     return proc
-            except psutil.NoSuchProcess:
-                continue
         raise AssertionError(f"no replica on port {port}")
 
 

@@ -400,13 +400,6 @@ async def exchange(port: int, payload: bytes, *, timeout: float = 5.0) -> bytes:
 # --- the balancer ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (for settings where 0 means "off")."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def refusing_addresses(count: int) -> Iterator[list[tuple[str, int]]]:
     """``count`` addresses that refuse every connect for as long as the block runs.
