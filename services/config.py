@@ -56,7 +56,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="SERVICE_DB_COMMAND_TIMEOUT", attr="db_command_timeout", default="5.0",
             help="seconds one SQL statement may take before 503"),
     Setting(env="SERVICE_DB_CONNECT_TIMEOUT", attr="db_connect_timeout", default="5.0",
-            help="seconds one connection attempt may take"),
+            help="seconds one connection attempt may take, name lookup included"),
     Setting(env="SERVICE_DB_RETRY_MAX_DELAY", attr="db_retry_max_delay", default="5.0",
             help="longest pause between connection attempts at start (backoff cap)"),
     Setting(env="SERVICE_HEALTH_TIMEOUT", attr="health_timeout", default="1.0",

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -80,6 +82,40 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+async def resolve_host(host: str, port: int, *, timeout: float) -> list[str]:
+    """The addresses of ``host``, looked up here rather than inside asyncpg's connect.
+
+    Under uvloop, a connect given a host name and cancelled during the lookup (by its own
+    timeout, or the health check's) leaves the lookup's future behind, and a failed lookup
+    then logs "Future exception was never retrieved" (MagicStack/uvloop#437). A lookup of
+    its own cancels cleanly, and its failure names the host. IP addresses and socket
+    directories are returned as they are.
+    """
+    if host.startswith("/") or _is_ip_address(host):
+        return [host]
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise TimeoutError(f"no answer looking up {host} within {timeout:g}s") from None
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    # In the resolver's order (the system's address preference), each address once.
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise OSError(f"{host} resolves to no address")
+    return addresses
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class Database:
     """Owns the pool: ``start()`` begins connecting, ``close()`` ends it.
 
@@ -137,21 +173,22 @@ class Database:
             )
             return
 
-    def _connect_kwargs(self) -> dict[str, Any]:
-        cfg = self._config
-        return {
-            "host": cfg.pg_host,
-            "port": cfg.pg_port,
-            "user": cfg.pg_user,
-            "password": cfg.pg_password,
-            "database": cfg.pg_dbname,
-            "command_timeout": cfg.db_command_timeout,
-            "timeout": cfg.db_connect_timeout,
-            "server_settings": {"application_name": "varstack-service"},
-        }
-
     async def _open_connection(self) -> asyncpg.Connection:
-        return await asyncpg.connect(**self._connect_kwargs())
+        """A new connection, within ``db_connect_timeout`` for the name lookup and the connect."""
+        cfg = self._config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.db_connect_timeout
+        hosts = await resolve_host(cfg.pg_host, cfg.pg_port, timeout=cfg.db_connect_timeout)
+        return await asyncpg.connect(
+            host=hosts,
+            port=cfg.pg_port,
+            user=cfg.pg_user,
+            password=cfg.pg_password,
+            database=cfg.pg_dbname,
+            command_timeout=cfg.db_command_timeout,
+            timeout=max(deadline - loop.time(), 0.001),
+            server_settings={"application_name": "varstack-service"},
+        )
 
     async def _create_pool(self) -> Pool:
         cfg = self._config
@@ -282,7 +319,7 @@ class Database:
                 async with asyncio.timeout(self._config.health_timeout):
                     conn = self._health_conn
                     if conn is None or conn.is_closed():
-                        conn = self._health_conn = await asyncpg.connect(**self._connect_kwargs())
+                        conn = self._health_conn = await self._open_connection()
                     await conn.fetchval(SQL_PING)
             except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
                 if self._health_conn is not None:

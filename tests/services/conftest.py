@@ -8,7 +8,7 @@ import dataclasses
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,9 +119,12 @@ class ServiceProcess:
 
 
 @contextlib.asynccontextmanager
-async def service_process(env: dict[str, str], port: int) -> AsyncIterator[ServiceProcess]:
-    """Start the service as a subprocess on ``port`` (under this test's loop) and wait
-    until it logs that its database is ready; kill it on the way out if it still runs."""
+async def service_process(
+    env: dict[str, str], port: int, *, prefix: Sequence[str] = (), until: str = "ready after"
+) -> AsyncIterator[ServiceProcess]:
+    """Start the service as a subprocess on ``port`` (under this test's loop), its command
+    line after ``prefix``, and wait until it logs ``until`` (by default: its database is
+    ready); kill it on the way out if it still runs."""
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("PGSQL_", "SERVICE_"))},
         "PYTHONPATH": str(ROOT),
@@ -131,7 +134,7 @@ async def service_process(env: dict[str, str], port: int) -> AsyncIterator[Servi
         **env,
     }
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services",
+        *prefix, sys.executable, "-m", "services",
         env=full_env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     output: list[str] = []
@@ -142,7 +145,7 @@ async def service_process(env: dict[str, str], port: int) -> AsyncIterator[Servi
         async for line in proc.stdout:
             text = line.decode(errors="replace").rstrip()
             output.append(text)
-            if "ready after" in text:
+            if until in text:
                 serving.set()
 
     reader = asyncio.create_task(pump())
@@ -156,7 +159,9 @@ async def service_process(env: dict[str, str], port: int) -> AsyncIterator[Servi
                 waiter.cancel()
             await asyncio.gather(*waiters, return_exceptions=True)
         if not serving.is_set():
-            raise AssertionError("service exited before it was ready:\n" + "\n".join(output))
+            raise AssertionError(
+                f"service exited before it logged {until!r}:\n" + "\n".join(output)
+            )
         yield ServiceProcess(proc, port, output)
     finally:
         if proc.returncode is None:
