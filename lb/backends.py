@@ -36,7 +36,7 @@ class Backend:
     def __init__(self, host: str, port: int, *, up: bool = True) -> None:
         self.host = host
         self.port = port
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.address = host_port(host, port)
         self.up = up
         #: Connections piped to this backend now, and since it was discovered.
         self.active = 0
@@ -176,3 +176,8 @@ def describe_error(exc: OSError) -> str:
     if exc.errno:
         return os.strerror(exc.errno)
     return str(exc) or type(exc).__name__
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with IPv6 addresses in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

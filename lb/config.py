@@ -56,13 +56,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="SERVER_COUNT", attr="server_count", default="3",
             help="backend replicas expected; a warning is logged when another number is found"),
     Setting(env="LB_BACKENDS", attr="backends", default="",
-            help="explicit backends `host:port,host:port`; when set, no DNS is used"),
+            help="explicit backends `host:port,host:port`, used instead of `LB_BACKEND_HOST`; "
+                 "a host name is one backend, at its first address (IPv4 first)"),
     Setting(env="LB_BACKEND_HOST", attr="backend_host", default="backend",
             help="DNS name whose every address is a backend (when `LB_BACKENDS` is empty)"),
     Setting(env="LB_BACKEND_PORT", attr="backend_port", default="5000",
             help="port of the backends found through `LB_BACKEND_HOST`"),
     Setting(env="LB_RESOLVE_INTERVAL", attr="resolve_interval", default="5",
-            help="seconds between two resolutions of `LB_BACKEND_HOST`"),
+            help="seconds between two resolutions of `LB_BACKEND_HOST` (or the names in "
+                 "`LB_BACKENDS`)"),
     Setting(env="LB_ADMIN_HOST", attr="admin_host", default="127.0.0.1",
             help="address of the admin listener (`/`, `/stats`, `/metrics`)"),
     Setting(env="LB_ADMIN_PORT", attr="admin_port", default="8404",

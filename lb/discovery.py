@@ -4,16 +4,20 @@ With a DNS name (the compose service ``backend``), each address it resolves to i
 ``docker compose up --scale backend=N``, ``docker stack deploy`` and replicas that come back with
 new addresses are followed without restarting the balancer.  A failed resolution keeps the last
 known set (the replicas are probably still there; the health checks will say if they are not).
+
+In an explicit list, an IP address is used as it is; a host name is one backend, at the first
+address it resolves to, re-resolved the same way: the connect path never waits for a lookup.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
-from lb.backends import BackendPool
+from lb.backends import BackendPool, host_port
 from lb.periodic import Periodic
 
 log = logging.getLogger("lb.discovery")
@@ -57,10 +61,14 @@ class DnsDiscovery(Periodic):
         self._last_count: int | None = None
         self._last_error: str | None = None
 
+    async def lookup(self) -> list[tuple[str, int]]:
+        """The backends' addresses now; OSError when the name does not resolve."""
+        return list(await self.resolver(self.name, self.port))
+
     async def refresh(self) -> None:
         """Resolve once and apply the answer; errors are logged once per change."""
         try:
-            addresses = list(await self.resolver(self.name, self.port))
+            addresses = await self.lookup()
         except OSError as exc:
             error = str(exc)
             if error != self._last_error:
@@ -93,3 +101,61 @@ class DnsDiscovery(Periodic):
             except Exception:  # a bug here must not end discovery for good
                 log.exception("resolving %s failed", self.name)
             await asyncio.sleep(self.interval)
+
+
+class NamedBackends(DnsDiscovery):
+    """``LB_BACKENDS`` with host names in it: each entry is one backend, a name at the first
+    address it resolves to (IPv4 first); a name that stops resolving keeps its last address."""
+
+    task_name = "lb-names"
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        entries: Sequence[tuple[str, int]],
+        *,
+        interval: float = 5.0,
+        expected: int = 1,
+        resolver: Resolver | None = None,
+    ) -> None:
+        super().__init__(pool, "LB_BACKENDS", 0, interval=interval, expected=expected,
+                         resolver=resolver)
+        self.entries = tuple(entries)
+        self._known: dict[tuple[str, int], tuple[str, int]] = {}
+        self._errors: dict[tuple[str, int], str] = {}
+
+    async def lookup(self) -> list[tuple[str, int]]:
+        found = await asyncio.gather(*(self._address_of(entry) for entry in self.entries))
+        return [address for address in found if address is not None]
+
+    async def _address_of(self, entry: tuple[str, int]) -> tuple[str, int] | None:
+        host, port = entry
+        if is_ip_address(host):
+            return entry
+        try:
+            found = list(await self.resolver(host, port))
+            if not found:
+                raise OSError(f"{host} resolves to no address")
+        except OSError as exc:
+            error = str(exc)
+            known = self._known.get(entry)
+            if self._errors.get(entry) != error:
+                log.warning("cannot resolve %s: %s; %s", host, error,
+                            f"keeping {host_port(*known)}" if known
+                            else "not a backend until it does")
+            self._errors[entry] = error
+            return known
+        self._errors.pop(entry, None)
+        address = found[0]
+        if self._known.get(entry) != address:
+            log.info("%s:%d is %s:%d", host, port, *address)
+            self._known[entry] = address
+        return address
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

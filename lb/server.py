@@ -25,7 +25,7 @@ from typing import Any
 from common.net import listening_socket
 from lb.backends import BackendPool
 from lb.config import Config
-from lb.discovery import DnsDiscovery, Resolver
+from lb.discovery import DnsDiscovery, NamedBackends, Resolver, is_ip_address
 from lb.health import HealthChecker
 from lb.pipe import Pipe, Relay
 
@@ -54,7 +54,15 @@ class Server:
             timeout=config.check_timeout,
         )
         self.discovery: DnsDiscovery | None = None
-        if not config.backends:
+        if any(not is_ip_address(host) for host, _ in config.backends):
+            self.discovery = NamedBackends(
+                self.pool,
+                config.backends,
+                interval=config.resolve_interval,
+                expected=config.server_count,
+                resolver=resolver,
+            )
+        elif not config.backends:
             self.discovery = DnsDiscovery(
                 self.pool,
                 config.backend_host,

@@ -106,3 +106,59 @@ async def test_real_resolver_follows_a_name() -> None:
             # ::1 may be listed too and refuse (the echo listens on 127.0.0.1): failover covers it.
             for _ in range(3):
                 assert await exchange(lb.port, b"via dns") == b"via dns"
+
+
+class NameTable:
+    """Host names the test maps to addresses (None: the name does not resolve); counts lookups."""
+
+    def __init__(self, **names: tuple[str, int] | None) -> None:
+        self.names = dict(names)
+        self.lookups = 0
+
+    async def __call__(self, name: str, port: int) -> Sequence[tuple[str, int]]:
+        self.lookups += 1
+        address = self.names.get(name.replace("-", "_"))
+        if address is None:
+            raise OSError(-2, "Name or service not known")
+        return [address]
+
+
+async def test_a_host_name_in_lb_backends_is_one_backend_at_its_ipv4_address() -> None:
+    async with HttpBackend() as backend:
+        config = lb_config(("localhost", backend.port), resolve_interval=60.0)
+        async with running_lb(config) as lb:
+            # IPv4 first: the replica listens on 127.0.0.1, not on ::1.
+            assert [b.address for b in lb.pool.backends] == [backend.label]
+            for _ in range(5):
+                assert (await http_get(lb.port))[1]["x-served-by"] == backend.label
+            assert lb.pool.backends[0].failed_connects == 0
+
+
+async def test_host_names_in_lb_backends_follow_a_new_address_and_keep_the_last_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with HttpBackend() as a, HttpBackend() as b, HttpBackend() as c:
+        names = NameTable(replica_1=a.address, replica_2=None)
+        config = lb_config(("replica-1", 5000), ("replica-2", 5000), c.address,
+                           resolve_interval=0.05)
+        async with running_lb(config, resolver=names) as lb:
+            # replica-2 does not resolve yet: the others serve, IP addresses need no lookup.
+            assert [x.address for x in lb.pool.backends] == [a.label, c.label]
+            served = {(await http_get(lb.port))[1]["x-served-by"] for _ in range(4)}
+            assert served == {a.label, c.label}
+
+            # replica-1 comes back elsewhere; replica-2 appears (in LB_BACKENDS order).
+            names.names.update(replica_1=b.address, replica_2=a.address)
+            await eventually(lambda: [x.address for x in lb.pool.backends]
+                             == [b.label, a.label, c.label])
+
+            # A lookup that fails keeps the address last found.
+            names.names["replica_1"] = None
+            seen = names.lookups
+            await eventually(lambda: names.lookups >= seen + 6)
+            assert [x.address for x in lb.pool.backends] == [b.label, a.label, c.label]
+            served = {(await http_get(lb.port))[1]["x-served-by"] for _ in range(6)}
+            assert served == {a.label, b.label, c.label}
+    assert caplog.text.count("cannot resolve replica-2") == 1  # said once, not every interval
+    assert f"cannot resolve replica-1: [Errno -2] Name or service not known; keeping {b.label}" \
+        in caplog.text
