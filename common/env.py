@@ -10,6 +10,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from common.net import host_name_problem
+
 
 class ConfigError(ValueError):
     """A setting has a value the program cannot run with; the message names the variable."""
@@ -69,6 +71,22 @@ def text(*, empty_ok: bool = False) -> Callable[[str, str], str]:
         value = raw.strip()
         if not value:
             raise ConfigError(f"{name} must not be empty")
+        return value
+
+    return parse
+
+
+def host(*, paths_ok: bool = False) -> Callable[[str, str], str]:
+    """An IP address or a host name the resolver can look up (with ``paths_ok``, also a
+    directory, as libpq takes a Unix socket's)."""
+
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip()
+        if paths_ok and value.startswith("/"):
+            return value
+        problem = host_name_problem(value)
+        if problem:
+            raise ConfigError(f"{name} {problem}")
         return value
 
     return parse

@@ -1,7 +1,8 @@
-"""Listening sockets made by the program itself, handed to the loop."""
+"""Listening sockets made by the program itself, handed to the loop; host names."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 
@@ -24,3 +25,33 @@ def listening_socket(host: str, port: int, *, backlog: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def host_name_problem(host: str) -> str | None:
+    """Why ``host`` can be neither an IP address nor looked up as a name; None if it can.
+
+    The resolver encodes a name with IDNA first, and a name it cannot encode (an empty
+    label as in ``a..b``, a label over 63 characters) would fail every lookup the same way.
+    """
+    if not host:
+        return "must not be empty"
+    if is_ip_address(host):
+        return None
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return f"{host!r} is not a valid host name"
+    return None
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with IPv6 addresses in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -11,6 +11,8 @@ import logging
 import os
 from collections.abc import Collection, Iterable
 
+from common.net import host_port
+
 log = logging.getLogger("lb.backends")
 
 
@@ -176,8 +178,3 @@ def describe_error(exc: OSError) -> str:
     if exc.errno:
         return os.strerror(exc.errno)
     return str(exc) or type(exc).__name__
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with IPv6 addresses in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

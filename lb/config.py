@@ -24,6 +24,7 @@ import common.env
 # ConfigError is re-exported: callers catch lb.config.ConfigError.
 from common.env import ConfigError as ConfigError
 from common.loops import IO_URING, LOOPS
+from common.net import host_name_problem, host_port
 
 T = TypeVar("T")
 
@@ -57,7 +58,7 @@ SETTINGS: tuple[Setting, ...] = (
             help="backend replicas expected; a warning is logged when another number is found"),
     Setting(env="LB_BACKENDS", attr="backends", default="",
             help="explicit backends `host:port,host:port`, used instead of `LB_BACKEND_HOST`; "
-                 "a host name is one backend, at its first address (IPv4 first)"),
+                 "a host name is one backend, at its first address (IPv4 first, numeric order)"),
     Setting(env="LB_BACKEND_HOST", attr="backend_host", default="backend",
             help="DNS name whose every address is a backend (when `LB_BACKENDS` is empty)"),
     Setting(env="LB_BACKEND_PORT", attr="backend_port", default="5000",
@@ -151,11 +152,16 @@ class Config:
         _check_port("backend_port", self.backend_port, allow_zero=False)
         _check_int("server_count", self.server_count, low=1)
         for host, port in self.backends:
-            if not host:
-                _fail("backends", f"empty host in {host}:{port}")
+            problem = host_name_problem(host)
+            if problem:
+                _fail("backends", f"host {problem} in {host_port(host, port)}")
             _check_port("backends", port, allow_zero=False)
-        if not self.backends and not self.backend_host:
-            _fail("backend_host", "must name a host when LB_BACKENDS is empty")
+        if not self.backends:
+            if not self.backend_host:
+                _fail("backend_host", "must name a host when LB_BACKENDS is empty")
+            problem = host_name_problem(self.backend_host)
+            if problem:
+                _fail("backend_host", problem)
         _check_positive("resolve_interval", self.resolve_interval)
         if self.check_mode not in CHECK_MODES:
             _fail("check_mode", f"must be one of {', '.join(CHECK_MODES)}, got {self.check_mode!r}")

@@ -17,7 +17,8 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
-from lb.backends import BackendPool, host_port
+from common.net import host_port, is_ip_address
+from lb.backends import BackendPool
 from lb.periodic import Periodic
 
 log = logging.getLogger("lb.discovery")
@@ -27,12 +28,16 @@ Resolver = Callable[[str, int], Awaitable[Sequence[tuple[str, int]]]]
 
 
 async def resolve_all(name: str, port: int) -> list[tuple[str, int]]:
-    """Every TCP address of ``name`` through the system resolver, sorted so the order is stable."""
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
+    """Every TCP address of ``name`` through the system resolver, IPv4 first, each family in
+    numeric order, so the order is stable whatever order the DNS server answers in."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except UnicodeError as exc:  # the name cannot even be encoded for the resolver
+        raise OSError(f"{name!r} is not a valid host name: {exc}") from None
     found = {(str(info[4][0]), int(info[4][1])) for info in infos}
-    return sorted(found, key=lambda a: (":" in a[0], a))
+    return sorted(found, key=lambda a: (":" in a[0], ipaddress.ip_address(a[0]), a[1]))
 
 
 class DnsDiscovery(Periodic):
@@ -76,11 +81,13 @@ class DnsDiscovery(Periodic):
                             self.name, error, len(self.pool))
             self._last_error = error
             return
-        self._last_error = None
         if not addresses:
-            log.warning("%s resolved to no address; keeping %d known backends",
-                        self.name, len(self.pool))
+            if self._last_error != "":
+                log.warning("%s resolved to no address; keeping %d known backends",
+                            self.name, len(self.pool))
+            self._last_error = ""  # said once until something changes
             return
+        self._last_error = None
         added, removed = self.pool.update(addresses)
         for backend in added:
             log.info("backend %s added (from %s)", backend.address, self.name)
@@ -105,7 +112,11 @@ class DnsDiscovery(Periodic):
 
 class NamedBackends(DnsDiscovery):
     """``LB_BACKENDS`` with host names in it: each entry is one backend, a name at the first
-    address it resolves to (IPv4 first); a name that stops resolving keeps its last address."""
+    address it resolves to (IPv4 first); a name that stops resolving keeps its last address.
+
+    Each name is looked up on its own, within ``lookup_timeout``: a name whose DNS is slow
+    holds up neither the others nor the IP addresses listed beside it.
+    """
 
     task_name = "lb-names"
 
@@ -117,10 +128,12 @@ class NamedBackends(DnsDiscovery):
         interval: float = 5.0,
         expected: int = 1,
         resolver: Resolver | None = None,
+        lookup_timeout: float = 2.0,
     ) -> None:
         super().__init__(pool, "LB_BACKENDS", 0, interval=interval, expected=expected,
                          resolver=resolver)
         self.entries = tuple(entries)
+        self.lookup_timeout = lookup_timeout
         self._known: dict[tuple[str, int], tuple[str, int]] = {}
         self._errors: dict[tuple[str, int], str] = {}
 
@@ -133,11 +146,13 @@ class NamedBackends(DnsDiscovery):
         if is_ip_address(host):
             return entry
         try:
-            found = list(await self.resolver(host, port))
+            async with asyncio.timeout(self.lookup_timeout):
+                found = list(await self.resolver(host, port))
             if not found:
                 raise OSError(f"{host} resolves to no address")
-        except OSError as exc:
-            error = str(exc)
+        except (OSError, TimeoutError) as exc:
+            timed_out = isinstance(exc, TimeoutError)
+            error = f"no answer within {self.lookup_timeout:g}s" if timed_out else str(exc)
             known = self._known.get(entry)
             if self._errors.get(entry) != error:
                 log.warning("cannot resolve %s: %s; %s", host, error,
@@ -148,14 +163,6 @@ class NamedBackends(DnsDiscovery):
         self._errors.pop(entry, None)
         address = found[0]
         if self._known.get(entry) != address:
-            log.info("%s:%d is %s:%d", host, port, *address)
+            log.info("%s is %s", host_port(host, port), host_port(*address))
             self._known[entry] = address
         return address
-
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True

@@ -22,10 +22,10 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
-from common.net import listening_socket
+from common.net import is_ip_address, listening_socket
 from lb.backends import BackendPool
 from lb.config import Config
-from lb.discovery import DnsDiscovery, NamedBackends, Resolver, is_ip_address
+from lb.discovery import DnsDiscovery, NamedBackends, Resolver
 from lb.health import HealthChecker
 from lb.pipe import Pipe, Relay
 
@@ -61,6 +61,9 @@ class Server:
                 interval=config.resolve_interval,
                 expected=config.server_count,
                 resolver=resolver,
+                # Inside the start's wait for the first answer (check_timeout + 1 s): the IP
+                # addresses and the names that answer are in place before the first client.
+                lookup_timeout=config.check_timeout,
             )
         elif not config.backends:
             self.discovery = DnsDiscovery(

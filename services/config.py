@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import common.env
-from common.env import ConfigError, choice, integer, seconds, text
+from common.env import ConfigError, choice, host, integer, seconds, text
 from common.loops import LOOPS
 
 __all__ = ["ENV_VARS", "SETTINGS", "Config", "ConfigError", "load_config"]
@@ -123,7 +123,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "host": text(),
     "port": integer(0, 65535),
     "served_by": text(empty_ok=True),
-    "pg_host": text(),
+    "pg_host": host(paths_ok=True),
     "pg_port": integer(1, 65535),
     "pg_dbname": text(),
     "pg_user": text(),

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
+import os
 import random
 import socket
 import time
@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 
+from common.net import is_ip_address
 from services.config import Config
 from services.pool import Pool, PoolClosing, PoolTimeout
 
@@ -82,6 +83,10 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class NameLookupError(OSError):
+    """``PGSQL_HOST`` did not resolve: the database itself may be fine."""
+
+
 async def resolve_host(host: str, port: int, *, timeout: float) -> list[str]:
     """The addresses of ``host``, looked up here rather than inside asyncpg's connect.
 
@@ -89,31 +94,25 @@ async def resolve_host(host: str, port: int, *, timeout: float) -> list[str]:
     timeout, or the health check's) leaves the lookup's future behind, and a failed lookup
     then logs "Future exception was never retrieved" (MagicStack/uvloop#437). A lookup of
     its own cancels cleanly, and its failure names the host. IP addresses and socket
-    directories are returned as they are.
+    directories are returned as they are, and so is the name when ``PGSSLMODE=verify-full``
+    must check the server's certificate against it.
     """
-    if host.startswith("/") or _is_ip_address(host):
+    if host.startswith("/") or is_ip_address(host) or os.environ.get("PGSSLMODE") == "verify-full":
         return [host]
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except TimeoutError:
-        raise TimeoutError(f"no answer looking up {host} within {timeout:g}s") from None
-    except socket.gaierror as exc:
-        raise OSError(f"cannot resolve {host}: {exc.strerror or exc}") from None
+        raise NameLookupError(f"no answer looking up {host} within {timeout:g}s") from None
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise NameLookupError(f"cannot resolve {host}: {reason}") from None
     # In the resolver's order (the system's address preference), each address once.
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not addresses:
-        raise OSError(f"{host} resolves to no address")
+        raise NameLookupError(f"{host} resolves to no address")
     return addresses
-
-
-def _is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class Database:
@@ -289,8 +288,10 @@ class Database:
         self._on_error("connection")
         self.last_error = describe(exc)
         # One broken connection means the server went away: the idle ones are broken too,
-        # and each would fail one more request before being noticed.
-        pool.expire()
+        # and each would fail one more request before being noticed. A name that did not
+        # resolve says nothing about the server: the open connections still work.
+        if not isinstance(exc, NameLookupError):
+            pool.expire()
         return DatabaseUnavailable(self.last_error)
 
     async def set_var(self, key: str, value: str) -> bool:

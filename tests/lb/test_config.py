@@ -59,6 +59,8 @@ def test_env_is_read_and_flags_win() -> None:
         ({"SERVER_COUNT": "0"}, "SERVER_COUNT: must be an integer >= 1"),
         ({"LB_BACKENDS": "10.0.0.1"}, "LB_BACKENDS: '10.0.0.1' is not host:port"),
         ({"LB_BACKENDS": "a:0"}, "LB_BACKENDS: 'a:0' has no valid port"),
+        ({"LB_BACKENDS": "a..b:5000"}, "LB_BACKENDS: host 'a..b' is not a valid host name in"),
+        ({"LB_BACKEND_HOST": "x" * 64 + ".svc"}, "LB_BACKEND_HOST: 'xxxx"),
         ({"LB_CHECK_MODE": "udp"}, "LB_CHECK_MODE: must be one of http, tcp"),
         ({"LB_CHECK_PATH": "healthcheck"}, "LB_CHECK_PATH: must be a path"),
         ({"LB_CHECK_INTERVAL": "0"}, "LB_CHECK_INTERVAL: must be a number of seconds > 0"),

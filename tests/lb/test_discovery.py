@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -109,7 +110,10 @@ async def test_real_resolver_follows_a_name() -> None:
 
 
 class NameTable:
-    """Host names the test maps to addresses (None: the name does not resolve); counts lookups."""
+    """Host names the test maps to addresses (None: the name does not resolve, HANGS: the
+    lookup never ends, as with a DNS server that does not answer); counts lookups."""
+
+    HANGS = ("hangs", 0)
 
     def __init__(self, **names: tuple[str, int] | None) -> None:
         self.names = dict(names)
@@ -120,6 +124,8 @@ class NameTable:
         address = self.names.get(name.replace("-", "_"))
         if address is None:
             raise OSError(-2, "Name or service not known")
+        if address == self.HANGS:
+            await asyncio.Event().wait()
         return [address]
 
 
@@ -162,3 +168,32 @@ async def test_host_names_in_lb_backends_follow_a_new_address_and_keep_the_last_
     assert caplog.text.count("cannot resolve replica-2") == 1  # said once, not every interval
     assert f"cannot resolve replica-1: [Errno -2] Name or service not known; keeping {b.label}" \
         in caplog.text
+
+
+async def test_a_name_whose_dns_does_not_answer_holds_up_no_other_backend(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with HttpBackend() as a, HttpBackend() as b:
+        names = NameTable(slow=NameTable.HANGS, fast=b.address)
+        config = lb_config(("slow", 5000), a.address, ("fast", 5000), check_timeout=0.3)
+        async with running_lb(config, resolver=names) as lb:
+            # In place before the first client, without waiting for the silent name.
+            assert [x.address for x in lb.pool.backends] == [a.label, b.label]
+            served = {(await http_get(lb.port))[1]["x-served-by"] for _ in range(4)}
+            assert served == {a.label, b.label}
+    assert "cannot resolve slow: no answer within 0.3s; not a backend until it does" \
+        in caplog.text
+
+
+async def test_lb_backends_of_names_that_never_resolve_say_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    names = NameTable()
+    config = lb_config(("gone-1", 5000), ("gone-2", 5000), resolve_interval=0.02)
+    async with running_lb(config, resolver=names) as lb:
+        await eventually(lambda: names.lookups >= 10)
+        assert len(lb.pool) == 0
+        # A client is refused at once, not left hanging.
+        assert await exchange(lb.port, b"anyone?") == b""
+    assert caplog.text.count("cannot resolve gone-1") == 1
+    assert caplog.text.count("LB_BACKENDS resolved to no address") == 1

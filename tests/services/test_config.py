@@ -53,3 +53,14 @@ def test_every_variable_has_a_setting_row() -> None:
 def test_error_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="SERVICE_MAX_KEY_BYTES must be between 1 and 2000"):
         load_config({"SERVICE_MAX_KEY_BYTES": "4000"})
+
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example", " "])
+def test_a_database_host_no_resolver_could_look_up_is_refused_naming_it(host: str) -> None:
+    with pytest.raises(ConfigError, match=r"^PGSQL_HOST (must not be empty|'.*' is not a valid)"):
+        load_config({"PGSQL_HOST": host})
+
+
+def test_a_database_host_may_be_an_address_or_a_socket_directory() -> None:
+    for host in ("10.0.0.7", "::1", "/var/run/postgresql", "db.example"):
+        assert load_config({"PGSQL_HOST": host}).pg_host == host

@@ -2,7 +2,8 @@
 aardvark-dns does while it reloads) and comes back.
 
 The service runs as a real process in a mount namespace of its own, where /etc/resolv.conf
-names a real DNS server this test runs on a loopback address: silent, or answering.
+names a real DNS server this test runs on a loopback address (silent, or answering), and
+/etc/nsswitch.conf sends host lookups to it (no caching daemon or systemd-resolved between).
 """
 
 from __future__ import annotations
@@ -74,20 +75,31 @@ async def resolver_for(name: str) -> AsyncIterator[tuple[Resolver, str]]:
         finally:
             transport.close()
         return
-    pytest.skip("no loopback address has port 53 free")
+    pytest.skip("cannot bind UDP port 53 on 127.0.0.77-96 (needs root, and the port free)")
 
 
-def own_resolv_conf(conf: Path) -> list[str]:
-    """A command prefix: the command runs with ``conf`` as its /etc/resolv.conf."""
+def own_resolver(directory: Path, address: str) -> list[str]:
+    """A command prefix: the command looks host names up in /etc/hosts, then at ``address``."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) for a mount namespace")
+    resolv = directory / "resolv.conf"
+    resolv.write_text(RESOLV_CONF.format(address=address))
+    nsswitch = directory / "nsswitch.conf"
+    nsswitch.write_text("hosts: files dns\n")
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(conf)]
+            'mount --bind "$0" /etc/resolv.conf && mount --bind "$1" /etc/nsswitch.conf '
+            '&& shift && exec "$@"', str(resolv), str(nsswitch)]
 
 
 async def health(http: aiohttp.ClientSession, service: ServiceProcess) -> tuple[int, str]:
     async with http.get(f"{service.url}/healthcheck") as r:
         return r.status, await r.text()
+
+
+async def get_status(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url) as r:
+        await r.read()
+        return r.status
 
 
 async def wait_for_lines(service: ServiceProcess, text: str, count: int) -> None:
@@ -100,11 +112,9 @@ async def wait_for_lines(service: ServiceProcess, text: str, count: int) -> None
 async def test_a_database_name_that_does_not_resolve_is_503_naming_it_and_heals_itself(
     postgres: Any, clean_db: Any, tmp_path: Path
 ) -> None:
-    conf = tmp_path / "resolv.conf"
     async with resolver_for(DB_NAME) as (resolver, address):
-        conf.write_text(RESOLV_CONF.format(address=address))
         env = {**postgres.env, "PGSQL_HOST": DB_NAME, "SERVICE_DB_CONNECT_TIMEOUT": "0.3"}
-        async with service_process(env, free_port(), prefix=own_resolv_conf(conf),
+        async with service_process(env, free_port(), prefix=own_resolver(tmp_path, address),
                                    until="serving on") as service, \
                 aiohttp.ClientSession() as http:
             # Silent: each start-up attempt gives up at the connect timeout, saying why.
@@ -125,10 +135,21 @@ async def test_a_database_name_that_does_not_resolve_is_503_naming_it_and_heals_
 
             # Silent again: the open connections need no lookup, so the replica keeps serving.
             resolver.answer(None)
-            for _ in range(20):
+            for _ in range(5):
                 async with http.get(f"{service.url}/get_var?key=k") as r:
                     assert (r.status, await r.text()) == (200, "v")
                 assert (await health(http, service))[0] == 200
+            # A burst needs more connections than are open: those requests wait for a lookup
+            # that never answers and get 503, and the connections that work stay open.
+            asked = resolver.queries
+            statuses = await asyncio.gather(*(get_status(http, f"{service.url}/get_var?key=k")
+                                              for _ in range(30)))
+            assert set(statuses) <= {200, 503}
+            assert 200 in statuses
+            assert resolver.queries > asked
+            for _ in range(5):
+                async with http.get(f"{service.url}/get_var?key=k") as r:
+                    assert (r.status, await r.text()) == (200, "v")
         # Every abandoned lookup failed a second later, after the service stopped waiting:
         # none of those failures may surface as an unhandled error.
         assert not [line for line in service.output if NEVER_RETRIEVED in line], \
