@@ -108,8 +108,12 @@ async def resolve_host(host: str, port: int, *, timeout: float) -> list[str]:
     except (socket.gaierror, UnicodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise NameLookupError(f"cannot resolve {host}: {reason}") from None
-    # In the resolver's order (the system's address preference), each address once.
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    # In the resolver's order (the system's address preference), each address once; a
+    # link-local IPv6 address keeps its scope, which the sockaddr carries apart.
+    addresses = list(dict.fromkeys(
+        f"{info[4][0]}%{info[4][3]}" if len(info[4]) == 4 and info[4][3] else str(info[4][0])
+        for info in infos
+    ))
     if not addresses:
         raise NameLookupError(f"{host} resolves to no address")
     return addresses
