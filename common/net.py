@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 
@@ -55,3 +56,20 @@ def host_name_problem(host: str) -> str | None:
 def host_port(host: str, port: int) -> str:
     """``host:port``, with IPv6 addresses in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def tcp_addresses(host: str, port: int) -> list[str]:
+    """The addresses ``host`` resolves to for TCP through the system resolver, in its order
+    (the system's address preference), each once; a link-local IPv6 address keeps its
+    scope, which the sockaddr carries apart. OSError when it does not resolve, also for a
+    name that cannot even be encoded for the resolver."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+    except UnicodeError as exc:
+        raise OSError(f"{host!r} is not a valid host name: {exc}") from None
+    return list(dict.fromkeys(
+        f"{info[4][0]}%{info[4][3]}" if len(info[4]) == 4 and info[4][3] else str(info[4][0])
+        for info in infos
+    ))

@@ -14,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import socket
 from collections.abc import Awaitable, Callable, Sequence
 
-from common.net import host_port, is_ip_address
+from common.net import host_port, is_ip_address, tcp_addresses
 from lb.backends import BackendPool
 from lb.periodic import Periodic
 
@@ -30,14 +29,8 @@ Resolver = Callable[[str, int], Awaitable[Sequence[tuple[str, int]]]]
 async def resolve_all(name: str, port: int) -> list[tuple[str, int]]:
     """Every TCP address of ``name`` through the system resolver, IPv4 first, each family in
     numeric order, so the order is stable whatever order the DNS server answers in."""
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            name, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-        )
-    except UnicodeError as exc:  # the name cannot even be encoded for the resolver
-        raise OSError(f"{name!r} is not a valid host name: {exc}") from None
-    found = {(str(info[4][0]), int(info[4][1])) for info in infos}
-    return sorted(found, key=lambda a: (":" in a[0], ipaddress.ip_address(a[0]), a[1]))
+    found = [(address, port) for address in await tcp_addresses(name, port)]
+    return sorted(found, key=lambda a: (":" in a[0], ipaddress.ip_address(a[0])))
 
 
 class DnsDiscovery(Periodic):

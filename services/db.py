@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import random
-import socket
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -23,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from common.net import is_ip_address
+from common.net import is_ip_address, tcp_addresses
 from services.config import Config
 from services.pool import Pool, PoolClosing, PoolTimeout
 
@@ -99,21 +98,13 @@ async def resolve_host(host: str, port: int, *, timeout: float) -> list[str]:
     """
     if host.startswith("/") or is_ip_address(host) or os.environ.get("PGSSLMODE") == "verify-full":
         return [host]
-    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            addresses = await tcp_addresses(host, port)
     except TimeoutError:
         raise NameLookupError(f"no answer looking up {host} within {timeout:g}s") from None
-    except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise NameLookupError(f"cannot resolve {host}: {reason}") from None
-    # In the resolver's order (the system's address preference), each address once; a
-    # link-local IPv6 address keeps its scope, which the sockaddr carries apart.
-    addresses = list(dict.fromkeys(
-        f"{info[4][0]}%{info[4][3]}" if len(info[4]) == 4 and info[4][3] else str(info[4][0])
-        for info in infos
-    ))
+    except OSError as exc:
+        raise NameLookupError(f"cannot resolve {host}: {exc.strerror or exc}") from None
     if not addresses:
         raise NameLookupError(f"{host} resolves to no address")
     return addresses
