@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import http.client
 import json
 import os
 import resource
@@ -33,6 +34,8 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -163,6 +166,30 @@ def idle_rss_per_conn(proxy: Proc, backend_port: int, count: int) -> float:
     return (after - before) / count
 
 
+def _idle_rounds(procs: Procs, tools: Tools, opts: Options, results: Results, backend: Proc,
+                 variants: Sequence[str]) -> None:
+    """RSS per idle connection, each round with a fresh proxy (no free lists left over from
+    the load runs)."""
+    for rnd in range(opts.rounds):
+        for variant in rotate(variants, rnd):
+            if variant == "ours":
+                proc = procs.ours([backend.port])
+            else:
+                proc = procs.haproxy(tools.path("haproxy"), [backend.port])
+            try:
+                kib = idle_rss_per_conn(proc, backend.port, opts.idle)
+            finally:
+                procs.stop(proc)
+            results.add("idle_kib_per_conn", variant, kib)
+            say(f"idle round {rnd + 1}/{opts.rounds}: {variant} {kib:.2f} KiB per idle "
+                f"connection ({opts.idle} open)")
+    results.commands.setdefault(
+        "idle connections",
+        f"{opts.idle} TCP connections opened through the proxy and left idle; RSS (VmRSS) of "
+        "the proxy process before and after, divided by the count",
+    )
+
+
 def section_balancer(procs: Procs, tools: Tools, opts: Options, results: Results) -> None:
     wrk = tools.path("wrk")
     if tools.has("nginx"):
@@ -219,30 +246,15 @@ def section_balancer(procs: Procs, tools: Tools, opts: Options, results: Results
             f"{v} {results.get('ka_rps', v)[-1]:.0f}/{results.get('close_rps', v)[-1]:.0f} req/s "
             f"{results.get('bulk_mib_s', v)[-1]:.0f} MiB/s" for v in small)
         say(f"  keep-alive/new-conn/bulk: {summary}")
-    # Idle connections: a fresh proxy each time (no free lists left over from the load runs).
     idle_variants = [v for v in ("ours", "haproxy") if v in proxies]
     for name in idle_variants:
         procs.stop(proxies[name])
     if "haproxy-tuned" in proxies:
         procs.stop(proxies["haproxy-tuned"])
-    for rnd in range(opts.rounds):
-        for variant in rotate(idle_variants, rnd):
-            if variant == "ours":
-                proc = procs.ours([backend.port])
-            else:
-                proc = procs.haproxy(tools.path("haproxy"), [backend.port])
-            try:
-                kib = idle_rss_per_conn(proc, backend.port, opts.idle)
-            finally:
-                procs.stop(proc)
-            results.add("idle_kib_per_conn", variant, kib)
-            say(f"idle round {rnd + 1}/{opts.rounds}: {variant} {kib:.2f} KiB per idle "
-                f"connection ({opts.idle} open)")
-    results.commands.setdefault(
-        "idle connections",
-        f"{opts.idle} TCP connections opened through the proxy and left idle; RSS (VmRSS) of "
-        "the proxy process before and after, divided by the count",
-    )
+    if opts.idle:
+        _idle_rounds(procs, tools, opts, results, backend, idle_variants)
+    else:
+        say("idle connections: skipped (--idle 0)")
     procs.stop(backend)
 
 
@@ -470,12 +482,23 @@ async def with_stack(procs: Procs, tools: Tools, opts: Options, results: Results
             await stack.stop()
 
 
+def target_problem(url: str, timeout: float = 5.0) -> str | None:
+    """Why ``url`` cannot be measured (its /healthcheck does not answer 200), or None."""
+    try:
+        with urllib.request.urlopen(f"{url}/healthcheck", timeout=timeout) as answer:
+            answer.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode("utf-8", "replace").strip()[:200]
+        return f"its /healthcheck answers {exc.code}" + (f" ({body})" if body else "")
+    except (OSError, http.client.HTTPException) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return f"nothing answers at {url} ({reason})"
+    return None
+
+
 def section_target(tools: Tools, opts: Options, results: Results) -> None:
     assert opts.target is not None
     url = opts.target.rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise SystemExit(f"--target must be an http:// URL, got {opts.target!r}")
     per_thread = 2000
     say(f"target {url}: seeding {opts.bench_keys} keys and {WRK_THREADS_SERVICE}x{per_thread} "
         "delete keys through the API")
@@ -496,8 +519,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 3 rounds of 1 s, 1,000 idle connections (~2 min)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5; --quick: 3)")
-    parser.add_argument("--seconds", type=float, help="seconds per load run (default 2)")
-    parser.add_argument("--idle", type=int, help="idle connections for the RSS figure (5000)")
+    parser.add_argument("--seconds", type=int,
+                        help="whole seconds per load run, as wrk and hey take them (default 2)")
+    parser.add_argument("--idle", type=int,
+                        help="idle connections for the RSS figure (default 5000; --quick: 1000; "
+                             "0 skips that figure)")
     parser.add_argument("--sections", default=None,
                         help="comma-separated: balancer,service,stack (default: all; with "
                              "--target: target)")
@@ -510,9 +536,22 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--replot", type=Path, metavar="RAW_JSON",
                         help="rewrite the report and plots from bench/results/raw/<run>.json")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = (3 if args.quick else 5) if args.rounds is None else args.rounds
     if rounds < 1:
         parser.error("--rounds must be at least 1")
+    seconds = (1 if args.quick else 2) if args.seconds is None else args.seconds
+    if seconds < 1:
+        parser.error("--seconds must be at least 1 (wrk and hey run whole seconds)")
+    idle = (1000 if args.quick else 5000) if args.idle is None else args.idle
+    if idle < 0:
+        parser.error("--idle must be 0 (skip the idle-connection figure) or more")
+    if args.target is not None:
+        parts = urlsplit(args.target)
+        if parts.scheme != "http" or not parts.hostname:
+            parser.error(f"--target must be an http:// URL like http://127.0.0.1:3000, "
+                         f"got {args.target!r}")
+    if args.replot is not None and not args.replot.is_file():
+        parser.error(f"--replot: no such file: {args.replot}")
     if args.sections:
         sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     else:
@@ -524,8 +563,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("the target section needs --target URL")
     return Options(
         rounds=rounds,
-        seconds=args.seconds or (1.0 if args.quick else 2.0),
-        idle=args.idle or (1000 if args.quick else 5000),
+        seconds=float(seconds),
+        idle=idle,
         quick=args.quick,
         sections=sections,
         target=args.target,
@@ -573,6 +612,7 @@ def _git() -> str:
 
 
 def write_outputs(results: Results, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     pngs = plots.write_all(results, out, stem)
     md = report.write(results, out / f"{stem}.md", pngs)
     say(f"report: {md.relative_to(ROOT) if md.is_relative_to(ROOT) else md}")
@@ -585,11 +625,22 @@ def write_outputs(results: Results, out: Path, stem: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse_args(argv)
     if opts.replot is not None:
-        raw = json.loads(opts.replot.read_text())
-        results = Results(values=raw["values"], runs=raw["runs"], commands=raw["commands"],
-                          notes=raw["notes"], meta=raw["meta"])
+        try:
+            raw = json.loads(opts.replot.read_text())
+            results = Results(values=raw["values"], runs=raw["runs"], commands=raw["commands"],
+                              notes=raw["notes"], meta=raw["meta"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            print(f"--replot: {opts.replot} is not a raw results file of python -m bench "
+                  f"({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
         write_outputs(results, opts.out, opts.replot.stem)
         return 0
+    if opts.target is not None:
+        problem = target_problem(opts.target.rstrip("/"))
+        if problem is not None:
+            print(f"cannot measure --target {opts.target}: {problem}; start the stack "
+                  "(make run) or point --target at its balancer", file=sys.stderr)
+            return 1
     _raise_nofile()
     say(f"varstack bench: sections {', '.join(opts.sections)}; {opts.rounds} rounds of "
         f"{opts.seconds:g} s per run" + (" (quick)" if opts.quick else ""))

@@ -1,0 +1,152 @@
+"""``python -m bench``: what a user can get wrong on its command line, and the report it rewrites.
+
+The load runs themselves need wrk, HAProxy and minutes of both cores: ``make bench`` is their
+test.  These cover what fails before any load starts, against real sockets and real files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from bench import run
+
+RAW_RUN = Path(__file__).resolve().parents[2] / "bench" / "results" / "raw" / "2026-11-27.json"
+
+
+def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        run.parse_args(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--rounds", "0"), "--rounds must be at least 1"),
+        (("--rounds", "-2"), "--rounds must be at least 1"),
+        (("--seconds", "0"), "--seconds must be at least 1"),
+        (("--seconds", "1.5"), "invalid int value: '1.5'"),
+        (("--idle", "-1"), "--idle must be 0"),
+        (("--sections", "balancer,stak"), "unknown sections: stak"),
+        (("--sections", "target"), "the target section needs --target URL"),
+        (("--target", "ftp://host"), "--target must be an http:// URL"),
+        (("--target", "127.0.0.1:3000"), "--target must be an http:// URL"),
+        (("--replot", "no/such/run.json"), "--replot: no such file: no/such/run.json"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_starts(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...], message: str
+) -> None:
+    assert message in parse_error(capsys, *argv)
+
+
+def test_defaults_and_quick_defaults() -> None:
+    full = run.parse_args([])
+    assert (full.rounds, full.seconds, full.idle) == (5, 2.0, 5000)
+    assert full.sections == ("balancer", "service", "stack")
+    quick = run.parse_args(["--quick"])
+    assert (quick.rounds, quick.seconds, quick.idle) == (3, 1.0, 1000)
+    target = run.parse_args(["--target", "http://127.0.0.1:3000"])
+    assert target.sections == ("target",)
+
+
+def test_explicit_values_win_over_quick_and_idle_zero_skips() -> None:
+    opts = run.parse_args(["--quick", "--rounds", "7", "--seconds", "4", "--idle", "0"])
+    assert (opts.rounds, opts.seconds, opts.idle) == (7, 4.0, 0)
+
+
+def test_interleaving_puts_each_variant_first_and_last() -> None:
+    orders = [run.rotate(["a", "b", "c"], rnd) for rnd in range(6)]
+    assert all(sorted(order) == ["a", "b", "c"] for order in orders)
+    assert {order[0] for order in orders} == {"a", "b", "c"}
+    assert {order[-1] for order in orders} == {"a", "b", "c"}
+
+
+@contextlib.asynccontextmanager
+async def answering(status: int, text: str) -> AsyncIterator[str]:
+    """A real HTTP server on an ephemeral port whose /healthcheck answers ``status``."""
+    async def healthcheck(request: web.Request) -> web.Response:
+        return web.Response(status=status, text=text)
+
+    app = web.Application()
+    app.router.add_get("/healthcheck", healthcheck)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_healthy_target_can_be_measured() -> None:
+    async with answering(200, "server is healthy") as url:
+        assert await asyncio.to_thread(run.target_problem, url) is None
+
+
+async def test_a_target_whose_database_is_down_is_named() -> None:
+    async with answering(503, "database unavailable: ConnectionRefusedError") as url:
+        problem = await asyncio.to_thread(run.target_problem, url)
+    assert problem == "its /healthcheck answers 503 (database unavailable: ConnectionRefusedError)"
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_target_nobody_listens_on_stops_the_run_with_no_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    out = tmp_path / "results"
+    assert run.main(["--target", url, "--quick", "--no-install", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot measure --target {url}: nothing answers at {url}" in err
+    assert "Connection refused" in err
+    assert not out.exists()
+
+
+def without_plots(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if not line.startswith("![")]
+
+
+def test_replot_rewrites_the_committed_report_from_its_raw_run(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "dir"  # made on the way
+    assert run.main(["--replot", str(RAW_RUN), "--out", str(out)]) == 0
+    written = (out / "2026-11-27.md").read_text()
+    committed = RAW_RUN.parents[1].joinpath("2026-11-27.md").read_text()
+    # Plots are linked only where matplotlib is installed (the bench extra, not the test one).
+    assert without_plots(written) == without_plots(committed)
+    assert "| balancer bulk MiB/s" in written
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['{"values": {}}', "not json at all", "[1, 2]", b"\xff\xfe\x00"],
+)
+def test_replot_of_a_file_that_is_not_a_raw_run_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | bytes
+) -> None:
+    raw = tmp_path / "other.json"
+    if isinstance(content, bytes):
+        raw.write_bytes(content)
+    else:
+        raw.write_text(content)
+    assert run.main(["--replot", str(raw), "--out", str(tmp_path / "out")]) == 2
+    assert f"--replot: {raw} is not a raw results file of python -m bench" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
+
