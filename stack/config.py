@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.env import ConfigError, Setting, integer, seconds
+from common.env import ConfigError, Setting, host, integer, seconds
 
 __all__ = ["ENV_VARS", "SETTINGS", "ConfigError", "StackConfig", "host_port"]
 
@@ -102,15 +102,20 @@ class StackConfig:
                 f"STACK_BACKEND_PORT {self.backend_port} leaves no room for "
                 f"{self.server_count} replicas on consecutive ports"
             )
-        ports = {"LB_PORT": self.lb_port, **({"LB_ADMIN_PORT": self.lb_admin_port}
-                                             if self.lb_admin_port else {})}
+        ports = {"LB_PORT": self.lb_port, "LB_ADMIN_PORT": self.lb_admin_port}
+        if self.embedded:
+            ports["STACK_PG_PORT"] = self.embedded_pg_port
+        ports = {name: port for name, port in ports.items() if port}  # 0: none, or a free one
         for name, port in ports.items():
             if self.backend_port <= port <= last:
                 raise ConfigError(
                     f"{name} {port} collides with the replicas' ports {self.backend_port}-{last}"
                 )
-        if self.lb_admin_port and self.lb_admin_port == self.lb_port:
-            raise ConfigError("LB_ADMIN_PORT must differ from LB_PORT")
+        names = list(ports)
+        for i, name in enumerate(names):
+            for other in names[i + 1:]:
+                if ports[name] == ports[other]:
+                    raise ConfigError(f"{other} must differ from {name} (both {ports[name]})")
 
     @property
     def embedded(self) -> bool:
@@ -181,11 +186,11 @@ def _path(name: str, raw: str) -> Path:
 
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "server_count": integer(1, 200),
-    "lb_host": _text,
+    "lb_host": host(),
     "lb_port": integer(1, 65535),
-    "lb_admin_host": _text,
+    "lb_admin_host": host(),
     "lb_admin_port": integer(0, 65535),
-    "backend_host": _text,
+    "backend_host": host(),
     "backend_port": integer(1, 65535),
     "pg_host": _text,
     "pg_port": integer(1, 65535),

@@ -255,12 +255,12 @@ class EmbeddedPostgres(PostgresAddress):
         base = [psql, "-h", str(self.data_dir), "-p", str(self.port), "-U", self.user]
         base += ["-d", "postgres"]
         exists = subprocess.run(
-            [*base, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = '{self.dbname}'"],
+            [*base, "-tAc", f"SELECT 1 FROM pg_database WHERE datname = {_literal(self.dbname)}"],
             **_as_user(run_as), capture_output=True, text=True, check=True,
         ).stdout.strip()
         if exists != "1":
             subprocess.run(
-                [*base, "-c", f'CREATE DATABASE "{self.dbname}"'],
+                [*base, "-c", f"CREATE DATABASE {_identifier(self.dbname)}"],
                 **_as_user(run_as), capture_output=True, text=True, check=True,
             )
 
@@ -466,6 +466,16 @@ class EmbeddedPostgres(PostgresAddress):
 
     def __exit__(self, *exc: object) -> None:
         self.stop("fast")
+
+
+def _literal(text: str) -> str:
+    """``text`` as an SQL string literal (standard_conforming_strings, PostgreSQL's default)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _identifier(text: str) -> str:
+    """``text`` as a quoted SQL identifier: any name PostgreSQL allows, quotes included."""
+    return '"' + text.replace('"', '""') + '"'
 
 
 def _parent(pid: int) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import socket
@@ -29,6 +30,7 @@ from typing import Any
 import lb.config
 import services.config
 from common.loops import loop_factory
+from common.net import is_ip_address
 from stack.config import ConfigError, StackConfig, _reachable, host_port
 from stack.pg import EmbeddedPostgres, EmbeddedPostgresError, StopMode, free_port
 from stack.process import Child, Output, RestartPolicy
@@ -38,6 +40,8 @@ DATABASE = "database"
 BALANCER = "load_balancer"
 # How long PostgreSQL gets for a fast shutdown (compose.yaml's stop_grace_period for it).
 DATABASE_STOP_TIMEOUT = 30.0
+#: After a second signal: PostgreSQL's immediate shutdown gets this long before SIGKILL.
+DATABASE_KILL_TIMEOUT = 3.0
 #: Connections the embedded PostgreSQL allows beyond the replicas' pools: psql and other
 #: tools, a replica's old connections not yet closed when it restarts.
 DATABASE_CONNECTIONS_HEADROOM = 20
@@ -126,6 +130,8 @@ class Stack:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._stopped = False
+        #: Held while this stack owns its data directory (two stacks would share one cluster).
+        self._data_lock: int | None = None
 
     # -- what a client needs ----------------------------------------------------------
 
@@ -217,8 +223,28 @@ class Stack:
                     f"{service.pool_max_size} needs {wanted} database connections; the embedded "
                     f"PostgreSQL allows at most {DATABASE_MAX_CONNECTIONS}: lower one of them"
                 )
+        self._check_listen_hosts()
+        if cfg.embedded:
+            _check_data_dir(cfg.data_dir)
         self._service_config = service
         return service
+
+    def _check_listen_hosts(self) -> None:
+        """A listening address that is a name must resolve: else each program would fail to
+        bind it at start, and be restarted until its policy gives up."""
+        cfg = self.config
+        hosts = [("LB_HOST", cfg.lb_host), ("STACK_BACKEND_HOST", cfg.backend_host)]
+        if cfg.lb_admin_port:
+            hosts.append(("LB_ADMIN_HOST", cfg.lb_admin_host))
+        for name, host in hosts:
+            if is_ip_address(host):
+                continue
+            try:
+                socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            except (OSError, UnicodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise ConfigError(f"{name} {host!r} is not an address to listen on "
+                                  f"(cannot resolve it: {reason})") from None
 
     def _check_ports(self) -> None:
         cfg = self.config
@@ -227,6 +253,11 @@ class Stack:
             wanted.append((cfg.lb_admin_host, cfg.lb_admin_port, "LB_ADMIN_PORT"))
         wanted += [(cfg.backend_host, p, f"replica {i} (STACK_BACKEND_PORT + {i - 1})")
                    for i, p in enumerate(cfg.replica_ports, 1)]
+        # A PostgreSQL left behind on this data directory holds its port: start() finds and
+        # stops it, so only a port held by something else is reported here.
+        leftover = (cfg.data_dir / "pgdata" / "postmaster.pid").exists()
+        if cfg.embedded and cfg.embedded_pg_port and not leftover:
+            wanted.append(("127.0.0.1", cfg.embedded_pg_port, "STACK_PG_PORT"))
         busy = [f"{host}:{port} ({what})" for host, port, what in wanted if port_in_use(host, port)]
         if busy:
             raise StackError("already in use: " + ", ".join(busy) + "; choose other ports")
@@ -261,18 +292,25 @@ class Stack:
                 )
             return self._external_pg_env()
         data = cfg.data_dir.resolve()
-        data.mkdir(parents=True, exist_ok=True)
-        if (data / "pgdata" / "PG_VERSION").exists() and not (data / "pgpassword").exists():
-            raise StackError(
-                f"{data / 'pgdata'} holds a database but its password file {data / 'pgpassword'} "
-                "is gone; restore it, or delete the data directory to start afresh"
-            )
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+            self._data_lock = _lock_data_dir(data)
+            if (data / "pgdata" / "PG_VERSION").exists() and not (data / "pgpassword").exists():
+                raise StackError(
+                    f"{data / 'pgdata'} holds a database but its password file "
+                    f"{data / 'pgpassword'} is gone; restore it, or delete the data directory "
+                    "to start afresh"
+                )
+            password = _local_password(data / "pgpassword")
+        except OSError as exc:
+            raise StackError(f"STACK_DATA_DIR {cfg.data_dir}: cannot use it: "
+                             f"{exc.strerror or exc}: {exc.filename or data}") from None
         self.database = EmbeddedPostgres(
             data_dir=data / "pgdata",
             port=cfg.embedded_pg_port or free_port(),
             host="127.0.0.1",
             user=cfg.pg_user,
-            password=_local_password(data / "pgpassword"),
+            password=password,
             dbname=cfg.pg_dbname,
             log_file=data / "postgres.log",
             max_connections=database_connections(cfg.server_count, pool_max),
@@ -481,11 +519,11 @@ class Stack:
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 forced.cancel()
             if self.database is not None:
-                mode: StopMode = "immediate" if self.force_stop.is_set() else "fast"
-                if self.database.running:
-                    self.log(f"stopping the database ({mode})")
-                await asyncio.to_thread(self.database.stop, mode, DATABASE_STOP_TIMEOUT)
+                await self._stop_database(self.database)
         finally:
+            if self._data_lock is not None:
+                os.close(self._data_lock)
+                self._data_lock = None
             self._stopped = True
             # The log tail makes one last pass, then ends; the others were cancelled.
             with contextlib.suppress(TimeoutError):
@@ -497,6 +535,23 @@ class Stack:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._tasks.clear()
             self.log("stopped")
+
+    async def _stop_database(self, db: EmbeddedPostgres) -> None:
+        """A fast shutdown within its deadline; a second signal, before or during it, kills."""
+        forced = self.force_stop.is_set()
+        mode: StopMode = "immediate" if forced else "fast"
+        if db.running:
+            self.log(f"stopping the database ({mode})")
+        stopping = asyncio.ensure_future(asyncio.to_thread(
+            db.stop, mode, DATABASE_KILL_TIMEOUT if forced else DATABASE_STOP_TIMEOUT))
+        if not forced:
+            force = asyncio.ensure_future(self.force_stop.wait())
+            await asyncio.wait([stopping, force], return_when=asyncio.FIRST_COMPLETED)
+            force.cancel()
+            if not stopping.done():
+                self.log("killing the database")
+                await asyncio.to_thread(db.kill)
+        await stopping
 
     # -- for people -----------------------------------------------------------------------
 
@@ -526,6 +581,40 @@ class Stack:
             lines.append(f"  database: {host_port(self.config.pg_host, self.config.pg_port)}")
         lines.append("Ctrl-C (or SIGTERM) stops everything.")
         return lines
+
+
+def _check_data_dir(data: Path) -> None:
+    """What is already there must be usable as the embedded database's directory."""
+    for path, kind in ((data, "a directory"), (data / "pgdata", "a directory"),
+                       (data / "pgpassword", "a file")):
+        exists = path.is_dir() if kind == "a directory" else path.is_file()
+        if path.exists() and not exists:
+            where = "STACK_DATA_DIR" if path == data else f"STACK_DATA_DIR's {path.name}"
+            raise ConfigError(f"{where} {path} must be {kind}")
+    existing = next((p for p in (data, *data.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"STACK_DATA_DIR {data}: {existing} is not a directory")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"STACK_DATA_DIR {data}: {existing} is not writable")
+
+
+def _lock_data_dir(data: Path) -> int:
+    """Lock ``data`` for this process (released when it exits, even by SIGKILL); StackError
+    naming the holder when another stack has it."""
+    fd = os.open(data / "stack.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise StackError(f"STACK_DATA_DIR {data} is in use by another stack (pid {holder}); "
+                         "stop it first, or choose another STACK_DATA_DIR") from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _local_password(path: Path) -> str:

@@ -57,6 +57,12 @@ def test_pgsql_host_selects_an_external_database() -> None:
         ({"LB_ADMIN_PORT": "3000"}, "LB_ADMIN_PORT must differ from LB_PORT"),
         ({"STACK_BACKEND_PORT": "65535"}, "leaves no room for 3 replicas"),
         ({"STACK_RESTART_DELAY": "-1"}, "STACK_RESTART_DELAY must be between"),
+        ({"STACK_PG_PORT": "3000"}, "STACK_PG_PORT must differ from LB_PORT"),
+        ({"STACK_PG_PORT": "8404"}, "STACK_PG_PORT must differ from LB_ADMIN_PORT"),
+        ({"STACK_PG_PORT": "5003"}, "STACK_PG_PORT 5003 collides with the replicas' ports"),
+        ({"LB_HOST": "a..b"}, "LB_HOST 'a..b' is not a valid host name"),
+        ({"LB_ADMIN_HOST": "a..b"}, "LB_ADMIN_HOST 'a..b' is not a valid host name"),
+        ({"STACK_BACKEND_HOST": "a..b"}, "STACK_BACKEND_HOST 'a..b' is not a valid host name"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], message: str) -> None:
@@ -140,6 +146,62 @@ def test_the_programs_settings_are_checked_before_anything_starts(
         stack.check_config()
 
 
+def test_an_external_database_s_port_may_be_any(tmp_path: Path) -> None:
+    """STACK_PG_PORT is the embedded database's: with an external one it collides with nothing."""
+    config = StackConfig.from_env({"PGSQL_HOST": "db", "STACK_PG_PORT": "3000"})
+    assert not config.embedded
+
+
+@pytest.mark.parametrize(
+    ("variable", "host"),
+    [("LB_HOST", "300.1.1.1"), ("LB_ADMIN_HOST", "no-such-host.invalid"),
+     ("STACK_BACKEND_HOST", "300.1.1.1")],
+)
+def test_a_listening_address_that_does_not_resolve_is_refused_before_anything_starts(
+    variable: str, host: str
+) -> None:
+    stack = Stack(StackConfig.from_env({variable: host}))
+    with pytest.raises(ConfigError, match=f"{variable} '{host}' is not an address to listen on "
+                                          r"\(cannot resolve it: "):
+        stack.check_config()
+
+
+def test_localhost_is_a_listening_address() -> None:
+    Stack(StackConfig.from_env({"LB_HOST": "localhost"})).check_config()
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("file", "STACK_DATA_DIR {data} must be a directory"),
+        ("under-a-file", "STACK_DATA_DIR {data}: {parent} is not a directory"),
+        ("pgpassword-dir", "STACK_DATA_DIR's pgpassword {data}/pgpassword must be a file"),
+        ("pgdata-file", "STACK_DATA_DIR's pgdata {data}/pgdata must be a directory"),
+    ],
+)
+def test_a_data_directory_that_cannot_be_used_is_a_bad_setting(
+    tmp_path: Path, layout: str, message: str
+) -> None:
+    data = tmp_path / "data"
+    parent = data
+    if layout == "file":
+        data.write_text("")
+    elif layout == "under-a-file":
+        parent.write_text("")
+        data = parent / "sub"
+    else:
+        data.mkdir()
+        name = "pgpassword" if layout == "pgpassword-dir" else "pgdata"
+        if layout == "pgpassword-dir":
+            (data / name).mkdir()
+        else:
+            (data / name).write_text("")
+    stack = Stack(StackConfig.from_env({}, data_dir=data))
+    with pytest.raises(ConfigError) as refused:
+        stack.check_config()
+    assert str(refused.value) == message.format(data=data, parent=parent)
+
+
 def test_an_external_database_is_not_limited_by_the_embedded_one_s_ceiling() -> None:
     env = {"SERVER_COUNT": "200", "SERVICE_POOL_MAX_SIZE": "100", "PGSQL_HOST": "db"}
     assert Stack(StackConfig.from_env(env)).check_config().pool_max_size == 100
@@ -214,16 +276,19 @@ def test_the_folders_above_the_data_are_made_traversable_not_listable(tmp_path: 
 def test_the_embedded_database_starts_as_root_from_a_private_folder(tmp_path: Path) -> None:
     private = Path(tempfile.mkdtemp(dir=tmp_path))  # 0700, as mktemp -d makes it
     assert stat.S_IMODE(private.stat().st_mode) == 0o700
-    server = EmbeddedPostgres(data_dir=private / "pgdata", max_connections=123)
+    # A database name PostgreSQL allows, quotes and all (PGSQL_DBNAME is the user's to choose).
+    name = "o'neil \"db\""
+    server = EmbeddedPostgres(data_dir=private / "pgdata", max_connections=123, dbname=name)
     try:
         server.start()
         result = subprocess.run(
             [str(_bin_dir() / "psql"), "-h", server.host, "-p", str(server.port),
-             "-U", server.user, "-d", server.dbname, "-tAc", "SHOW max_connections"],
+             "-U", server.user, "-d", server.dbname, "-tAc",
+             "SHOW max_connections; SELECT current_database()"],
             env={**os.environ, "PGPASSWORD": server.password}, capture_output=True, text=True,
             check=True,
         )
-        assert result.stdout.strip() == "123"
+        assert result.stdout.split("\n")[:2] == ["123", name]
     finally:
         server.stop("immediate")
     assert stat.S_IMODE(private.stat().st_mode) == 0o701  # searchable, still not listable

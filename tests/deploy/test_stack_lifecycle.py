@@ -133,7 +133,8 @@ def test_a_live_stack_s_database_is_not_taken_for_an_orphan(
         second = Supervisor(other)
         try:
             assert second.proc.wait(60) == 1, second.log()
-            assert f"a PostgreSQL (pid {postmaster.pid}) already runs on {pgdata}" in second.log()
+            assert (f"STACK_DATA_DIR {pgdata.parent} is in use by another stack "
+                    f"(pid {first.proc.pid})") in second.log()
         finally:
             second.close()
         assert running(postmaster)
@@ -203,3 +204,64 @@ def test_a_bad_program_setting_is_exit_2_before_anything_starts(
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"varstack-stack: configuration error: {message}" in result.stderr
     assert not Path(stack_env["STACK_DATA_DIR"]).exists()  # not even the database started
+
+
+def test_a_data_directory_that_is_a_file_is_exit_2_naming_it(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    data = tmp_path / "not-a-dir"
+    data.write_text("")
+    result = subprocess.run([sys.executable, "-m", "stack"], cwd=ROOT,
+                            env=stack_env | {"STACK_DATA_DIR": str(data)}, text=True,
+                            capture_output=True, timeout=20, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == (
+        f"varstack-stack: configuration error: STACK_DATA_DIR {data} must be a directory")
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_second_signal_kills_a_database_that_does_not_stop(
+    one_replica_env: dict[str, str], pgdata: Path
+) -> None:
+    sup = Supervisor(one_replica_env)
+    try:
+        sup.wait_for(READY, timeout=90)
+        [postmaster] = postmasters(pgdata)
+        postmaster.suspend()  # SIGSTOP: its fast shutdown would wait out the whole deadline
+        sup.proc.send_signal(signal.SIGTERM)
+        sup.wait_for("stopping the database (fast)", timeout=60)
+        sup.proc.send_signal(signal.SIGINT)
+        # Well inside the 30 s a fast shutdown is given: the second signal does not wait it out.
+        assert sup.proc.wait(15) == 0, sup.log()
+        assert "killing the database" in sup.log()
+        assert postmasters(pgdata) == []
+    finally:
+        sup.close()
+
+
+def test_two_stacks_on_one_data_directory_the_second_is_refused_naming_the_first(
+    one_replica_env: dict[str, str], pgdata: Path
+) -> None:
+    """Started together on a fresh directory, they must not both run initdb on it."""
+    port = free_port_run(2)
+    other = one_replica_env | {"LB_PORT": str(port), "LB_ADMIN_PORT": "0",
+                               "STACK_BACKEND_PORT": str(port + 1)}
+    first, second = Supervisor(one_replica_env), Supervisor(other)
+    try:
+        winner, loser = None, None
+        deadline = time.monotonic() + 90
+        while winner is None and time.monotonic() < deadline:
+            for sup, peer in ((first, second), (second, first)):
+                if sup.proc.poll() is not None:
+                    winner, loser = peer, sup
+            time.sleep(0.1)
+        assert loser is not None and winner is not None, first.log() + second.log()
+        assert loser.proc.returncode == 1, loser.log()
+        assert (f"STACK_DATA_DIR {pgdata.parent} is in use by another stack "
+                f"(pid {winner.proc.pid})") in loser.log()
+        winner.wait_for(READY, timeout=90)
+        winner.proc.send_signal(signal.SIGTERM)
+        assert winner.proc.wait(60) == 0, winner.log()
+    finally:
+        first.close()
+        second.close()
