@@ -255,7 +255,8 @@ def test_two_stacks_on_one_data_directory_the_second_is_refused_naming_the_first
                 if sup.proc.poll() is not None:
                     winner, loser = peer, sup
             time.sleep(0.1)
-        assert loser is not None and winner is not None, first.log() + second.log()
+        assert loser is not None, first.log() + second.log()
+        assert winner is not None
         assert loser.proc.returncode == 1, loser.log()
         assert (f"STACK_DATA_DIR {pgdata.parent} is in use by another stack "
                 f"(pid {winner.proc.pid})") in loser.log()
