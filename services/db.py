@@ -60,6 +60,11 @@ class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached (down, restarting, not yet started)."""
 
 
+#: How long after ``SERVICE_DB_COMMAND_TIMEOUT`` the client gives up on a database that has not
+#: answered (the server's own cancel would have arrived by then).
+STATEMENT_TIMEOUT_BACKSTOP = 0.5
+
+
 class DatabaseBusy(Exception):
     """Every connection is in use and too many requests already wait for one."""
 
@@ -179,9 +184,17 @@ class Database:
             user=cfg.pg_user,
             password=cfg.pg_password,
             database=cfg.pg_dbname,
-            command_timeout=cfg.db_command_timeout,
+            # The client's own timeout only backs up the server's: it fires when the database
+            # does not answer at all (stopped, cut off).
+            command_timeout=cfg.db_command_timeout + STATEMENT_TIMEOUT_BACKSTOP,
             timeout=max(deadline - loop.time(), 0.001),
-            server_settings={"application_name": "varstack-service"},
+            server_settings={
+                "application_name": "varstack-service",
+                # PostgreSQL cancels a statement over the timeout itself, and rolls it back.
+                # A client that only gives up and drops the connection leaves the statement
+                # running: one waiting on a lock would still write after its 503.
+                "statement_timeout": f"{max(1, round(cfg.db_command_timeout * 1000))}ms",
+            },
         )
 
     async def _create_pool(self) -> Pool:
@@ -253,10 +266,11 @@ class Database:
             except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
                 # Opening a connection failed: any refusal of the server's counts.
                 raise self._connection_lost(pool, exc) from exc
-            # Only a statement's own error (a constraint, a missing table) leaves the connection
-            # sound. A timeout, a cancellation or a broken protocol state cannot be trusted: a
-            # timed-out connection handed back would also wait for the cancel request, which a
-            # hung database answers no sooner than the statement.
+            # Only a statement's own error (a constraint, a missing table, the server's
+            # statement_timeout) leaves the connection sound. The client's timeout, a
+            # cancellation or a broken protocol state cannot be trusted: a timed-out connection
+            # handed back would also wait for the cancel request, which a hung database answers
+            # no sooner than the statement.
             discard = True
             try:
                 value = await conn.fetchval(sql, *args)
@@ -269,7 +283,7 @@ class Database:
                 pool.release(conn, discard=discard)
         except (DatabaseBusy, DatabaseUnavailable, asyncio.CancelledError):
             raise
-        except TimeoutError as exc:
+        except (TimeoutError, asyncpg.QueryCanceledError) as exc:
             self._on_error("timeout")
             raise DatabaseUnavailable(
                 f"statement took over {cfg.db_command_timeout:g}s"

@@ -58,6 +58,9 @@ class Server:
             app,
             handle_signals=False,
             shutdown_timeout=cfg.shutdown_timeout,
+            # A compressed body is refused (415), never inflated: not even the bytes the
+            # server reads and drops after the answer, which aiohttp would inflate for 10 s.
+            auto_decompress=False,
             access_log_class=access_logger_class(
                 "info" if cfg.access_log == "off" else cfg.access_log
             ),

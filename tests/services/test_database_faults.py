@@ -188,10 +188,18 @@ async def test_a_statement_over_the_command_timeout_is_503(
         await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
         async with http.put(f"{service.url}/edit_var", json={"key": "k", "value": "w"}) as r:
             assert (r.status, await r.text()) == (503, "database unavailable")
+        # By the 503 PostgreSQL has cancelled the UPDATE: nothing still waits for the lock, to
+        # write "w" once it is released (a client that only hangs up leaves it waiting).
+        waiting = await clean_db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'varstack-service'"
+            " AND state = 'active' AND query LIKE 'UPDATE%'")
+        assert waiting == 0
         await clean_db.execute("ROLLBACK")
         # The cancelled statement left its connection usable and the row untouched.
         async with http.get(f"{service.url}/get_var?key=k") as r:
             assert (r.status, await r.text()) == (200, "v")
+        async with http.get(f"{service.url}/metrics") as r:
+            assert 'varstack_db_errors_total{kind="timeout"} 1.0' in await r.text()
 
 
 async def test_unexpected_database_state_is_a_logged_500_in_the_clients_format(
