@@ -4,6 +4,7 @@ and both answer formats (plain text, or JSON on Accept: application/json)."""
 from __future__ import annotations
 
 import json
+import re
 
 import aiohttp
 import asyncpg
@@ -179,3 +180,73 @@ async def test_any_unicode_round_trips(
 async def test_head_healthcheck(service: RunningService, http: aiohttp.ClientSession) -> None:
     async with http.head(f"{service.url}/healthcheck") as r:
         assert r.status == 200
+
+
+# -- a client that shuts down its sending side after its request (nc -N, a proxy passing it on)
+
+
+async def half_closed_exchange(service: RunningService, request: bytes) -> bytes:
+    """Send ``request``, shut down the sending side, and read until the server closes."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    try:
+        writer.write(request)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10)  # returns once the server closed
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def set_var_request(key: str, value: str) -> bytes:
+    body = json.dumps({"key": key, "value": value}).encode()
+    return (b"POST /set_var HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+
+async def test_a_request_then_a_half_close_gets_its_answer(
+    service: RunningService, clean_db: asyncpg.Connection
+) -> None:
+    reply = await half_closed_exchange(service, set_var_request("hc", "v"))
+    assert reply.startswith(b"HTTP/1.1 201 Created\r\n")
+    assert reply.endswith(b"\r\n\r\nvariable created")
+    assert await stored(clean_db) == {"hc": "v"}
+
+
+async def test_pipelined_requests_then_a_half_close_are_all_answered_in_order(
+    service: RunningService, clean_db: asyncpg.Connection
+) -> None:
+    get = b"GET /get_var?key=p1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = await half_closed_exchange(service, set_var_request("p1", "one") + get + get)
+    # Bodies carry no line end: a status line may follow the previous body on one line.
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)
+    assert statuses == [b"201", b"200", b"200"]
+    assert reply.endswith(b"one")
+
+
+async def test_a_body_cut_short_by_the_half_close_is_not_stored(
+    service: RunningService, clean_db: asyncpg.Connection
+) -> None:
+    whole = set_var_request("cut", "v")
+    reply = await half_closed_exchange(service, whole[:-5])
+    assert b"201" not in reply
+    assert await stored(clean_db) == {}
+
+
+async def test_a_half_close_on_an_idle_keep_alive_connection_closes_it(
+    service: RunningService,
+) -> None:
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    try:
+        writer.write(b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"server is healthy"), 10)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        writer.write_eof()
+        # The server closes at once, not after its keep-alive timeout (75 s).
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+        await writer.wait_closed()

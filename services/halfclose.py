@@ -1,0 +1,74 @@
+"""Answer a client that has shut down its sending side after a whole request.
+
+A client may send its request and ``shutdown(SHUT_WR)`` (``nc -N``, some scripts, a proxy
+passing its client's half-close on). aiohttp closes the connection on that EOF
+(aio-libs/aiohttp#3659): the handler still runs, so a ``set_var`` is stored, but its answer
+is never sent, and the client cannot tell a stored write from a lost one. Here the EOF keeps
+the connection open while requests the client has sent whole are answered, then closes it.
+A request whose body the EOF cut short, or an idle connection, is closed at once, as before.
+
+It relies on aiohttp's ``RequestHandler`` internals; ``tests/services/test_api.py`` sends
+such requests through a real socket, so an aiohttp that changes them fails there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web, web_protocol
+
+
+class HalfCloseRequestHandler(web_protocol.RequestHandler):
+    __slots__ = ("_client_done",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._client_done = False
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        if self._force_close or self._close or not self._request_count:
+            return None  # nothing asked (an idle keep-alive connection): close now
+        self._client_done = True
+        self._after_eof()
+        return None if self._force_close else True  # keep the sending side open for answers
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        result = await super().finish_response(request, resp, start_time)
+        if self._client_done:
+            self._loop.call_soon(self._after_eof)  # once the server has moved on from it
+        return result
+
+    def _after_eof(self) -> None:
+        """Close once every request the client sent whole is answered; at once for a body
+        the EOF cut short (its reader then learns it ended early, as without this class)."""
+        if self._force_close:
+            return
+        request = self._current_request
+        payloads = [payload for _message, payload in self._messages]
+        if request is not None:
+            payloads.append(request.content)
+        if not all(payload.is_eof() for payload in payloads):
+            self.force_close()
+        elif self._waiter is not None and not self._waiter.done() and not self._messages:
+            self.force_close()  # every answer is written (close() flushes them first)
+        elif not self._request_in_progress:
+            # Between a request's parse and its handler, or an answer and the wait for the
+            # next request (aiohttp parses pipelined requests one at a time): look again.
+            self._loop.call_soon(self._after_eof)
+        # else a handler runs: its finish_response looks again
+
+
+class HalfCloseServer(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return HalfCloseRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class AppRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer a client that has half-closed."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = HalfCloseServer  # same object, same state: only __call__ differs
+        return server
