@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -70,6 +71,9 @@ def _bad(message: str) -> NoReturn:
 # -- answers -----------------------------------------------------------------
 
 
+_QVALUE = re.compile(r"0(\.\d{0,3})?|1(\.0{0,3})?")
+
+
 @functools.lru_cache(maxsize=256)
 def _accept_prefers_json(accept: str) -> bool:
     """Whether an Accept header asks for JSON rather than text: JSON needs a q above 0 and
@@ -80,11 +84,8 @@ def _accept_prefers_json(accept: str) -> bool:
         q = 1.0
         for param in params:
             name, _, value = param.strip().partition("=")
-            if name == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
+            if name == "q":  # RFC 9110's qvalue: 0 to 1, three decimals; anything else is 0
+                q = float(value) if _QVALUE.fullmatch(value.strip()) else 0.0
         media = media.strip()
         if media in ("application/json", "application/*") or media.endswith("+json"):
             json_q = max(json_q, q)

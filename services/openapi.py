@@ -72,6 +72,7 @@ def _operation(
             **responses,
             "400": _error("The request is malformed; the message says what is wrong."),
             "413": _error("The body is larger than SERVICE_MAX_BODY_BYTES."),
+            "415": _error("The body is compressed (Content-Encoding); send it uncompressed."),
             "503": _UNAVAILABLE,
         },
     }

@@ -244,6 +244,11 @@ async def test_clients_leaving_mid_body_are_not_server_errors(
         ("text/plain;q=0.5, application/json;q=0.9", True),
         ("application/json;q=0.5, text/plain", False),
         ("application/json;q=bogus", False),
+        # Out of RFC 9110's 0-1 range: not a q-value, so not a preference for JSON.
+        ("application/json;q=2, text/plain", False),
+        ("application/json;q=inf, text/plain", False),
+        ("application/json;q=nan", False),
+        ("application/json;q=1.000, text/plain;q=0.999", True),
     ],
 )
 async def test_accept_negotiation_honours_q_values(
