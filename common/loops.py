@@ -8,12 +8,14 @@ import errno
 import logging
 import os
 import platform
+import socket
 import struct
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Final
 
 from common.env import ConfigError
+from common.net import ListenError
 
 LOOPS = ("auto", "uvloop", "asyncio")
 #: Whether libuv may use io_uring (in the balancer, only for its epoll_ctl calls).
@@ -89,6 +91,52 @@ def refuse_io_uring() -> str | None:
     return None
 
 
+class _AcceptBatch:
+    """The listening socket for one wakeup of the default loop's accept step: after the first
+    accept() that finds this process out of descriptors (or memory), the rest of the batch
+    finds none waiting.
+
+    CPython before gh-151615 goes on calling accept() after that error, up to ``backlog``
+    times, and schedules a retry for each failure: the retries multiply every second until
+    the loop spins. With this, one failure ends the batch and one retry is scheduled, as
+    the fixed CPython does.
+    """
+
+    __slots__ = ("_exhausted", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._exhausted = False
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self._exhausted:
+            raise BlockingIOError(errno.EAGAIN, "the batch ended at the first resource error")
+        try:
+            return self.sock.accept()
+        except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                self._exhausted = True
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class SelectorEventLoop(asyncio.SelectorEventLoop):
+    """asyncio's default loop, whose accept step does not multiply its retries when out of
+    descriptors (see :class:`_AcceptBatch`)."""
+
+    def _accept_connection(self, protocol_factory: Any, sock: Any, *args: Any,
+                           **kwargs: Any) -> None:
+        if isinstance(sock, _AcceptBatch):  # a retry passes back the wrapper it was given
+            sock = sock.sock
+        super()._accept_connection(  # type: ignore[misc]
+            protocol_factory, _AcceptBatch(sock), *args, **kwargs)
+
+
 def loop_factory(choice: str, *, variable: str) -> Callable[[], asyncio.AbstractEventLoop]:
     """The factory for ``choice`` (one of :data:`LOOPS`); ``variable`` names the setting."""
     if choice in ("auto", "uvloop"):
@@ -99,7 +147,7 @@ def loop_factory(choice: str, *, variable: str) -> Callable[[], asyncio.Abstract
                 raise ConfigError(f"{variable}=uvloop but uvloop is not installed") from None
         else:
             return uvloop.new_event_loop
-    return asyncio.new_event_loop
+    return SelectorEventLoop
 
 
 def loop_name(factory: Callable[[], asyncio.AbstractEventLoop]) -> str:
@@ -154,6 +202,7 @@ def run(
         try:
             runner.run(main)
         except OSError as exc:
-            log.error("cannot serve on %s: %s", address, exc)
+            log.error("cannot serve on %s: %s",
+                      exc.address if isinstance(exc, ListenError) else address, exc)
             return 1
     return 0

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
+
+
+class ListenError(OSError):
+    """A listener other than the program's main one could not bind: ``address`` says which."""
+
+    def __init__(self, address: str, exc: OSError) -> None:
+        # The errno's own words ("Address already in use"), not the loop's longer sentence
+        # that repeats the address; a resolver error (negative) keeps its own.
+        code = exc.errno
+        words = os.strerror(code) if code is not None and code > 0 else exc.strerror or str(exc)
+        super().__init__(code, words)
+        self.address = address
 
 
 def listening_socket(host: str, port: int, *, backlog: int) -> socket.socket:

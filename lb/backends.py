@@ -116,15 +116,18 @@ class BackendPool:
         keep running; it only gets no new ones.
         """
         known = {(b.host, b.port): b for b in self.backends}
-        wanted: list[Backend] = []
+        # Two names may resolve to one address: it is one backend, in the first one's place.
+        by_address: dict[tuple[str, int], Backend] = {}
         added: list[Backend] = []
-        for host, port in addresses:
-            backend = known.pop((host, port), None)
+        for address in addresses:
+            if address in by_address:
+                continue
+            backend = known.pop(address, None)
             if backend is None:
-                backend = Backend(host, port)
+                backend = Backend(*address)
                 added.append(backend)
-            if backend not in wanted:
-                wanted.append(backend)
+            by_address[address] = backend
+        wanted = list(by_address.values())
         removed = list(known.values())
         for backend in removed:
             self.retired_total += backend.total

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar
@@ -95,9 +96,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="LB_MAX_CONNECTIONS", attr="max_connections", default="4096",
             help="concurrent client connections; beyond it new clients wait in the kernel backlog"),
     Setting(env="LB_BACKLOG", attr="backlog", default="1024",
-            help="length of the kernel accept queue (capped by `net.core.somaxconn`)"),
+            help="length of the kernel accept queue, 1-65535 (capped by `net.core.somaxconn`)"),
     Setting(env="LB_BUFFER_SIZE", attr="buffer_size", default="262144",
-            help="bytes buffered per direction before reading from the sender pauses"),
+            help="bytes buffered per direction before reading from the sender pauses "
+                 "(1024 to 1 GiB)"),
     Setting(env="LB_DRAIN_TIMEOUT", attr="drain_timeout", default="8",
             help="seconds open connections get to finish on SIGTERM (< 10 s stop grace)"),
     Setting(env="LB_LOOP", attr="loop", default="auto",
@@ -113,6 +115,8 @@ SETTINGS: tuple[Setting, ...] = (
 
 ENV_VARS: tuple[str, ...] = tuple(s.env for s in SETTINGS)
 _BY_ATTR: dict[str, Setting] = {s.attr: s for s in SETTINGS}
+#: A health check's path (and query): what can go on a request line as it is.
+_CHECK_PATH = re.compile(r"/[!-~]*")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +151,10 @@ class Config:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        for attr in ("host", "admin_host"):
+            problem = host_name_problem(getattr(self, attr))
+            if problem:
+                _fail(attr, problem)
         _check_port("port", self.port)
         _check_port("admin_port", self.admin_port)
         _check_port("backend_port", self.backend_port, allow_zero=False)
@@ -165,8 +173,9 @@ class Config:
         _check_positive("resolve_interval", self.resolve_interval)
         if self.check_mode not in CHECK_MODES:
             _fail("check_mode", f"must be one of {', '.join(CHECK_MODES)}, got {self.check_mode!r}")
-        if not self.check_path.startswith("/") or any(c in self.check_path for c in " \r\n"):
-            _fail("check_path", f"must be a path starting with '/', got {self.check_path!r}")
+        if not _CHECK_PATH.fullmatch(self.check_path):
+            _fail("check_path", "must be a path starting with '/', in printable ASCII without "
+                  f"spaces (percent-encode the rest), got {self.check_path!r}")
         _check_positive("check_interval", self.check_interval)
         _check_int("check_rise", self.check_rise, low=1)
         _check_int("check_fall", self.check_fall, low=1)
@@ -176,8 +185,8 @@ class Config:
         _check_positive("idle_timeout", self.idle_timeout)
         _check_positive("half_close_timeout", self.half_close_timeout)
         _check_int("max_connections", self.max_connections, low=1)
-        _check_int("backlog", self.backlog, low=1)
-        _check_int("buffer_size", self.buffer_size, low=1024)
+        _check_int("backlog", self.backlog, low=1, high=65535)  # the kernel's own ceiling
+        _check_int("buffer_size", self.buffer_size, low=1024, high=1 << 30)
         _check_positive("drain_timeout", self.drain_timeout)
         if self.drain_timeout >= STOP_GRACE:
             _fail("drain_timeout", f"must be below the {STOP_GRACE:g} s stop grace, "
@@ -250,9 +259,11 @@ def _check_port(attr: str, value: int, *, allow_zero: bool = True) -> None:
         _fail(attr, f"must be a port number in {low}..65535, got {value}")
 
 
-def _check_int(attr: str, value: int, *, low: int) -> None:
+def _check_int(attr: str, value: int, *, low: int, high: int | None = None) -> None:
     if value < low:
         _fail(attr, f"must be an integer >= {low}, got {value}")
+    if high is not None and value > high:
+        _fail(attr, f"must be an integer <= {high}, got {value}")
 
 
 def _check_positive(attr: str, value: float) -> None:

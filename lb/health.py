@@ -44,8 +44,15 @@ class HealthChecker(Periodic):
     async def check_all(self) -> None:
         """One round: every backend checked concurrently, results applied."""
         backends = list(self.pool.backends)
-        results = await asyncio.gather(*(self.check(b) for b in backends))
-        for backend, (passed, detail) in zip(backends, results, strict=True):
+        # One backend's check going wrong in a way not foreseen fails that check, not the round.
+        outcomes = await asyncio.gather(*(self.check(b) for b in backends), return_exceptions=True)
+        for backend, outcome in zip(backends, outcomes, strict=True):
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if isinstance(outcome, BaseException):
+                passed, detail = False, f"check error: {type(outcome).__name__}: {outcome}"
+            else:
+                passed, detail = outcome
             if passed:
                 self.pool.check_passed(backend, detail)
             else:
@@ -87,7 +94,10 @@ class HealthChecker(Periodic):
                 f"GET {self.path} HTTP/1.1\r\nHost: {backend.address}\r\n"
                 "User-Agent: varstack-lb-check\r\nConnection: close\r\n\r\n".encode("ascii")
             )
-            status_line = await reader.readline()
+            try:
+                status_line = await reader.readline()
+            except ValueError:  # no line end within the reader's 64 KiB limit
+                return False, "not HTTP (no status line)"
             # Read the rest so the backend closes first (its side keeps the TIME_WAIT).
             with contextlib.suppress(OSError, asyncio.LimitOverrunError):
                 await reader.read(_MAX_ANSWER)

@@ -179,6 +179,9 @@ class Pipe(asyncio.Protocol):
         if upstream is None:
             if self._pending is not None:
                 self._pending.append(data)
+                # uvloop starts reading after connection_made, whatever it asked: pause now,
+                # or a client could push without limit while the connect is pending.
+                self.client.pause_reading()  # type: ignore[union-attr]  # set in connection_made
             return
         self.bytes_to_backend += len(data)
         self._active = True

@@ -22,7 +22,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
-from common.net import is_ip_address, listening_socket
+from common.net import ListenError, host_port, is_ip_address, listening_socket
 from lb.backends import BackendPool
 from lb.config import Config
 from lb.discovery import DnsDiscovery, NamedBackends, Resolver
@@ -124,18 +124,22 @@ class Server:
                 from lb.admin import Admin
 
                 self.admin = Admin(self)
-                await self.admin.start(config.admin_host, config.admin_port)
+                try:
+                    await self.admin.start(config.admin_host, config.admin_port)
+                except OSError as exc:
+                    where = host_port(config.admin_host, config.admin_port)
+                    raise ListenError(f"{where} (the admin listener: LB_ADMIN_HOST, "
+                                      "LB_ADMIN_PORT)", exc) from exc
             self._accept_wanted = True
             self._acceptor = await self._serve()
         except BaseException:
             await self.shutdown()
             raise
         log.info(
-            "listening on %s:%d; backends %s; admin %s",
-            config.host,
-            self.port,
+            "listening on %s; backends %s; admin %s",
+            host_port(config.host, self.port),
             ", ".join(b.address for b in self.pool.backends) or "(none yet)",
-            f"http://{config.admin_host}:{self.admin.port}/" if self.admin else "off",
+            f"http://{host_port(config.admin_host, self.admin.port)}/" if self.admin else "off",
         )
 
     @property

@@ -103,3 +103,25 @@ async def test_admin_listener_started_by_the_server() -> None:
         status, _, body = await http_get(port, "/stats")
         assert status == 200
         assert json.loads(body)["backends"][0]["address"] == echo.label
+
+
+def test_an_admin_port_in_use_is_named_as_the_admin_listener_s() -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from tests.lb.lbkit import ROOT
+
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        admin_port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "LB_HOST": HOST, "LB_PORT": "0",
+               "LB_BACKENDS": f"{HOST}:9", "LB_ADMIN_HOST": HOST,
+               "LB_ADMIN_PORT": str(admin_port), "LB_CHECK_MODE": "tcp"}
+        result = subprocess.run([sys.executable, "-m", "lb"], cwd=ROOT, env=env, text=True,
+                                capture_output=True, timeout=30, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (f"cannot serve on {HOST}:{admin_port} (the admin listener: LB_ADMIN_HOST, "
+            "LB_ADMIN_PORT): [Errno 98] Address already in use") in result.stdout

@@ -79,6 +79,22 @@ def test_update_keeps_known_backends_and_their_counters() -> None:
     assert pool.update([("10.0.0.1", 5000), ("10.0.0.9", 5000)]) == ([], [])
 
 
+def test_one_address_named_twice_is_one_backend_that_keeps_its_state() -> None:
+    """Two names of LB_BACKENDS may resolve to one address: one backend, not a new one each
+    re-resolution (which came back up every time, a dead backend back in rotation)."""
+    pool = BackendPool()
+    twice = [("127.0.0.1", 5001), ("127.0.0.2", 5002), ("127.0.0.1", 5001)]
+    added, removed = pool.update(twice)
+    assert [b.address for b in added] == ["127.0.0.1:5001", "127.0.0.2:5002"]
+    assert removed == []
+    first = pool.backends[0]
+    pool.connect_failed(first, "refused")
+    assert pool.update(twice) == ([], [])
+    assert pool.backends[0] is first
+    assert not first.up
+    assert [b.address for b in pool.backends] == ["127.0.0.1:5001", "127.0.0.2:5002"]
+
+
 def test_address_formats() -> None:
     assert Backend("10.0.0.1", 5000).address == "10.0.0.1:5000"
     assert Backend("::1", 5000).address == "[::1]:5000"

@@ -71,6 +71,14 @@ def test_env_is_read_and_flags_win() -> None:
         ({"LB_LOG_LEVEL": "loud"}, "LB_LOG_LEVEL: must be one of"),
         ({"LB_LOOP": "trio"}, "LB_LOOP: must be one of"),
         ({"LB_IO_URING": "maybe"}, "LB_IO_URING: must be one of off, on, got 'maybe'"),
+        ({"LB_CHECK_PATH": "/santé"}, "LB_CHECK_PATH: must be a path starting with '/', in "
+                                      "printable ASCII without spaces"),
+        ({"LB_CHECK_PATH": "/a\tb"}, "LB_CHECK_PATH: must be a path"),
+        ({"LB_BUFFER_SIZE": "2147483648"}, "LB_BUFFER_SIZE: must be an integer <= 1073741824"),
+        ({"LB_BACKLOG": "2147483648"}, "LB_BACKLOG: must be an integer <= 65535"),
+        ({"LB_HOST": ""}, "LB_HOST: must not be empty"),
+        ({"LB_ADMIN_HOST": " "}, "LB_ADMIN_HOST: must not be empty"),
+        ({"LB_ADMIN_HOST": "a..b"}, "LB_ADMIN_HOST: 'a..b' is not a valid host name"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -140,6 +140,24 @@ async def test_failing_health_checks_take_a_backend_out_and_passing_bring_it_bac
             assert served == {a.label, b.label}
 
 
+async def test_a_backend_answering_garbage_fails_its_own_check_not_everyone_s() -> None:
+    """200 KB without a line end (no HTTP status line within the reader's limit): that check
+    fails; the other backends are still judged in the same round."""
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * 200_000)
+        await writer.drain()
+        writer.close()
+
+    async with FuncBackend(garbage) as bad, HttpBackend() as sick:
+        sick.healthy = False
+        config = lb_config(bad.address, sick.address, check_mode="http", check_interval=0.05,
+                           check_fall=2)
+        async with running_lb(config) as lb:
+            await eventually(lambda: lb.pool.up_count == 0)
+            assert lb.pool.backends[0].last_check == "not HTTP (no status line)"
+            assert lb.pool.backends[1].last_check == "HTTP 503"
+
+
 async def test_all_backends_down_still_get_traffic() -> None:
     """Panic: every check fails, yet the replicas answer, so clients get the service's answer."""
     async with HttpBackend() as a, HttpBackend() as b:

@@ -12,6 +12,7 @@ import pytest
 
 from tests.lb.lbkit import (
     BannerBackend,
+    Blackhole,
     EchoBackend,
     FuncBackend,
     HttpBackend,
@@ -241,6 +242,38 @@ async def test_slow_reader_backend_pauses_the_client() -> None:
             answer = await reader.read()
         await close(writer)
     assert answer.decode().split() == [str(size), sent.hexdigest()]
+
+
+async def test_a_client_pushing_while_the_connect_hangs_is_held_by_the_kernel() -> None:
+    """Until a backend exists the client's bytes stay in the kernel's buffers, not ours: a
+    connect that hangs (a backend that drops SYNs) must not let one client fill our memory."""
+    async with Blackhole() as hole, running_lb(
+        lb_config(hole.address, connect_timeout=30.0, check_interval=60.0)
+    ) as lb:
+        _reader, writer = await connect(lb.port)
+        pushed = 0
+
+        async def push() -> None:
+            nonlocal pushed
+            for chunk in pattern(256 * MiB, chunk=MiB):
+                writer.write(chunk)
+                pushed += len(chunk)
+                await writer.drain()
+
+        pusher = asyncio.create_task(push())
+        try:
+            await eventually(lambda: bool(lb.pipes))
+            await stalled(lambda: pushed)
+            (pipe,) = lb.pipes
+            assert pipe.upstream is None  # still connecting
+            held = sum(len(chunk) for chunk in pipe._pending or ())
+            assert held <= 1 * MiB  # one read's worth at most (uvloop reads 256 KiB)
+            assert pushed < 64 * MiB  # the client is held back: what it pushed is in sockets
+        finally:
+            pusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pusher
+            reset(writer)
 
 
 async def test_backend_that_speaks_first() -> None:
