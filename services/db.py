@@ -115,6 +115,13 @@ async def resolve_host(host: str, port: int, *, timeout: float) -> list[str]:
     return addresses
 
 
+async def _apply_schema_on(conn: asyncpg.Connection) -> None:
+    """The schema script, one replica at a time (replicas start together)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+        await conn.execute(schema_sql())
+
+
 class Database:
     """Owns the pool: ``start()`` begins connecting, ``close()`` ends it.
 
@@ -213,9 +220,7 @@ class Database:
     async def _apply_schema(pool: Pool) -> None:
         conn = await pool.acquire()
         try:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
-                await conn.execute(schema_sql())
+            await _apply_schema_on(conn)
         finally:
             pool.release(conn)
 
@@ -273,7 +278,16 @@ class Database:
             # no sooner than the statement.
             discard = True
             try:
-                value = await conn.fetchval(sql, *args)
+                try:
+                    value = await conn.fetchval(sql, *args)
+                except asyncpg.UndefinedTableError:
+                    # The table is gone: a new, empty database at the same address (recreated
+                    # without its volume, restored from nothing). Make it again, once, rather
+                    # than answer 500 to every request while /healthcheck says healthy.
+                    log.warning("the table public.variables is missing (a new, empty database?):"
+                                " applying the schema again")
+                    await _apply_schema_on(conn)
+                    value = await conn.fetchval(sql, *args)
                 discard = False
                 return value
             except asyncpg.PostgresError as exc:

@@ -202,12 +202,34 @@ async def test_a_statement_over_the_command_timeout_is_503(
             assert 'varstack_db_errors_total{kind="timeout"} 1.0' in await r.text()
 
 
+async def test_a_database_that_lost_its_table_gets_it_back_and_no_request_fails(
+    own_postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A new, empty database at the same address (recreated without its volume): the table
+    is made again on the first request that misses it, not a 500 for every request."""
+    async with service_on(own_postgres) as service, aiohttp.ClientSession() as http:
+        async with http.post(f"{service.url}/set_var", json={"key": "k", "value": "v"}) as r:
+            assert r.status == 201
+        async with http.get(f"{service.url}/get_var?key=k") as r:
+            assert r.status == 200  # the pool's connection has the statement prepared
+        conn = await asyncpg.connect(own_postgres.dsn)
+        await conn.execute("DROP TABLE public.variables")
+        await conn.close()
+        async with http.get(f"{service.url}/get_var?key=k") as r:
+            assert (r.status, await r.text()) == (404, "variable not found")
+        async with http.post(f"{service.url}/set_var", json={"key": "k", "value": "w"}) as r:
+            assert r.status == 201
+        async with http.get(f"{service.url}/get_var?key=k") as r:
+            assert (r.status, await r.text()) == (200, "w")
+    assert caplog.text.count("the table public.variables is missing") == 1
+
+
 async def test_unexpected_database_state_is_a_logged_500_in_the_clients_format(
     own_postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with service_on(own_postgres) as service, aiohttp.ClientSession() as http:
         conn = await asyncpg.connect(own_postgres.dsn)
-        await conn.execute("DROP TABLE public.variables")
+        await conn.execute("ALTER TABLE public.variables RENAME COLUMN value TO renamed")
         await conn.close()
         async with http.get(f"{service.url}/get_var?key=k", headers=JSON) as r:
             assert (r.status, await r.json()) == (500, {"error": "internal server error"})
@@ -215,7 +237,7 @@ async def test_unexpected_database_state_is_a_logged_500_in_the_clients_format(
         async with http.get(f"{service.url}/metrics") as r:
             assert 'route="/get_var",status="500"} 1.0' in await r.text()
     assert "GET /get_var failed" in caplog.text
-    assert "UndefinedTableError" in caplog.text
+    assert "UndefinedColumnError" in caplog.text
 
 
 async def test_a_hung_database_answers_within_one_command_timeout(
