@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 from urllib.parse import parse_qs
 
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
@@ -134,8 +134,8 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-async def _body_object(request: web.Request) -> dict[str, Any]:
-    """The JSON object in the body; {} for an empty body."""
+def _body_refusal(request: web.Request) -> ClientError | None:
+    """Why the body will not be read, known from the headers alone; None if it will be."""
     max_bytes = request.app[CONFIG].max_body_bytes
     # Every Content-Encoding header and every coding in each: a body is compressed if any
     # says so (the server does not inflate it: a 1 MB gzip bomb is 1 GB of work).
@@ -144,10 +144,31 @@ async def _body_object(request: web.Request) -> dict[str, Any]:
                for coding in value.split(",")]
     compressed = [coding for coding in codings if coding not in ("", "identity")]
     if compressed:
-        raise ClientError(415, f"Content-Encoding {', '.join(compressed)} is not accepted; send "
-                          "the body uncompressed", close=True)
+        return ClientError(415, f"Content-Encoding {', '.join(compressed)} is not accepted; "
+                           "send the body uncompressed", close=True)
     if request.content_length is not None and request.content_length > max_bytes:
-        raise ClientError(413, f"request body is larger than {max_bytes} bytes", close=True)
+        return ClientError(413, f"request body is larger than {max_bytes} bytes", close=True)
+    return None
+
+
+async def expect_continue(request: web.Request) -> None:
+    """``Expect: 100-continue``: the go-ahead only for a body that will be read. For one that
+    will be refused the handler's final answer (413, 415) comes instead, as RFC 9110 allows,
+    so a client such as curl does not upload a body for nothing. Other expectations are
+    ignored (aiohttp's 417 would bypass the answer format and X-Served-By)."""
+    if request.version != HttpVersion11 or _body_refusal(request) is not None:
+        return
+    if request.headers.get(hdrs.EXPECT, "").strip().lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own size starts after this line
+
+
+async def _body_object(request: web.Request) -> dict[str, Any]:
+    """The JSON object in the body; {} for an empty body."""
+    max_bytes = request.app[CONFIG].max_body_bytes
+    refusal = _body_refusal(request)
+    if refusal is not None:
+        raise refusal
     if not request.body_exists:
         return {}
     try:
@@ -396,11 +417,17 @@ def create_app(
         await database.close()
 
     app.cleanup_ctx.append(database_ctx)
-    app.router.add_get("/healthcheck", healthcheck)
-    app.router.add_post("/set_var", set_var)
-    app.router.add_get("/get_var", get_var)
-    app.router.add_put("/edit_var", edit_var)
-    app.router.add_delete("/delete_var", delete_var)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/openapi.json", openapi)
+    routes = [
+        ("GET", "/healthcheck", healthcheck),
+        ("POST", "/set_var", set_var),
+        ("GET", "/get_var", get_var),
+        ("PUT", "/edit_var", edit_var),
+        ("DELETE", "/delete_var", delete_var),
+        ("GET", "/metrics", metrics),
+        ("GET", "/openapi.json", openapi),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, handler, expect_handler=expect_continue)
+        if method == "GET":  # add_get's HEAD twin
+            app.router.add_route("HEAD", path, handler, expect_handler=expect_continue)
     return app

@@ -15,26 +15,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web, web_protocol
+from aiohttp import StreamReader, web, web_protocol
+
+#: Loop steps a connection may spend between aiohttp's states before the EOF closes it anyway
+#: (a request moving from its parse to its handler takes one or two).
+_MAX_LOOKS = 100
 
 
 class HalfCloseRequestHandler(web_protocol.RequestHandler):
-    __slots__ = ("_client_done",)
+    __slots__ = ("_client_done", "_last_payload", "_looks")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._client_done = False
+        self._last_payload: StreamReader | None = None
+        self._looks = 0
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
         if self._force_close or self._close or not self._request_count:
             return None  # nothing asked (an idle keep-alive connection): close now
         self._client_done = True
+        # Nothing more will come: no lingering to read the rest of a body that was refused.
+        self._lingering_time = 0.0
         self._after_eof()
         return None if self._force_close else True  # keep the sending side open for answers
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
+        self._last_payload = request.content
+        self._looks = 0
         result = await super().finish_response(request, resp, start_time)
         if self._client_done:
             self._loop.call_soon(self._after_eof)  # once the server has moved on from it
@@ -49,15 +59,25 @@ class HalfCloseRequestHandler(web_protocol.RequestHandler):
         payloads = [payload for _message, payload in self._messages]
         if request is not None:
             payloads.append(request.content)
+        last = self._last_payload
         if not all(payload.is_eof() for payload in payloads):
             self.force_close()
         elif self._waiter is not None and not self._waiter.done() and not self._messages:
             self.force_close()  # every answer is written (close() flushes them first)
-        elif not self._request_in_progress:
+        elif self._request_in_progress:
+            pass  # a handler runs: its finish_response looks again
+        elif request is None and last is not None and not last.is_eof():
+            # Answered (413, 415) and reading the rest of the refused body for a while, as
+            # aiohttp does so the client sees the answer: the client has sent all it will.
+            last.feed_eof()
+            self.force_close()
+        elif self._looks < _MAX_LOOKS:
             # Between a request's parse and its handler, or an answer and the wait for the
             # next request (aiohttp parses pipelined requests one at a time): look again.
+            self._looks += 1
             self._loop.call_soon(self._after_eof)
-        # else a handler runs: its finish_response looks again
+        else:
+            self.force_close()
 
 
 class HalfCloseServer(web.Server):

@@ -250,3 +250,25 @@ async def test_a_half_close_on_an_idle_keep_alive_connection_closes_it(
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_a_refused_body_s_sender_that_stops_is_let_go_at_once(
+    service: RunningService, clean_db: asyncpg.Connection
+) -> None:
+    """After a 413 the server reads and drops the rest of the body for a while (so the client
+    sees the answer, not a reset); a client that half-closes has no rest to send."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    try:
+        writer.write(b"POST /set_var HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n"
+                     + b"x" * 1000)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 413 ")
+        writer.write_eof()
+        # Well before the 10 s the server would otherwise keep reading.
+        await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert await stored(clean_db) == {}

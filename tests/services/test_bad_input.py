@@ -258,3 +258,69 @@ async def test_accept_negotiation_honours_q_values(
     async with http.get(f"{service.url}/get_var?key=absent", headers=headers) as r:
         assert r.status == 404
         assert (r.content_type == "application/json") is json_answer
+
+
+# -- Expect: 100-continue (curl sends it before a large body) ------------------------------
+
+
+async def _expect_exchange(
+    service: RunningService, headers: str, body: bytes | None = None
+) -> tuple[bytes, bytes]:
+    """Send a POST's head with ``headers``; return what came before the body was sent, and
+    the rest (the body sent only after a 100 Continue)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    try:
+        writer.write(f"POST /set_var HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        rest = b""
+        if first.startswith(b"HTTP/1.1 100 ") and body is not None:
+            writer.write(body)
+            rest = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        return first, rest
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ("Content-Length: 2000000\r\n", b"413"),
+        ("Content-Length: 20\r\nContent-Encoding: gzip\r\n", b"415"),
+    ],
+)
+async def test_a_body_that_will_be_refused_gets_the_refusal_instead_of_100_continue(
+    service: RunningService, clean_db: asyncpg.Connection, headers: str, status: bytes
+) -> None:
+    first, _ = await _expect_exchange(service, f"Expect: 100-continue\r\n{headers}")
+    assert first.split(b" ")[1] == status  # no 100 Continue: the client uploads nothing
+    assert b"\r\nX-Served-By: test-replica:1\r\n" in first
+
+
+async def test_a_body_that_will_be_read_gets_100_continue_then_its_answer(
+    service: RunningService, clean_db: asyncpg.Connection
+) -> None:
+    body = b'{"key": "e", "value": "v"}'
+    first, rest = await _expect_exchange(
+        service, f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n", body)
+    assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert rest.startswith(b"HTTP/1.1 201 Created\r\n")
+    assert await clean_db.fetchval("SELECT value FROM public.variables WHERE key = 'e'") == "v"
+
+
+async def test_an_unknown_expectation_is_ignored_not_a_bare_417(
+    service: RunningService, clean_db: asyncpg.Connection
+) -> None:
+    import asyncio
+
+    body = b'{"key": "u", "value": "v"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    writer.write(b"POST /set_var HTTP/1.1\r\nHost: x\r\nExpect: something-else\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 201 Created\r\n")
+    assert b"\r\nX-Served-By: test-replica:1\r\n" in head
