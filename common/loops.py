@@ -136,6 +136,15 @@ class SelectorEventLoop(asyncio.SelectorEventLoop):
         super()._accept_connection(  # type: ignore[misc]
             protocol_factory, _AcceptBatch(sock), *args, **kwargs)
 
+    def _start_serving(self, protocol_factory: Any, sock: Any, *args: Any,
+                       **kwargs: Any) -> None:
+        if isinstance(sock, _AcceptBatch):
+            sock = sock.sock
+        if sock.fileno() == -1:
+            return  # the retry of a listener closed meanwhile (cap reached, or stopping)
+        super()._start_serving(  # type: ignore[misc]
+            protocol_factory, sock, *args, **kwargs)
+
 
 def loop_factory(choice: str, *, variable: str) -> Callable[[], asyncio.AbstractEventLoop]:
     """The factory for ``choice`` (one of :data:`LOOPS`); ``variable`` names the setting."""

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from common.loops import apply_io_uring, loop_factory, loop_name, run
+from common.net import host_port
 from lb.config import Config, ConfigError
 from lb.server import Server
 
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit(config)
     log.info("varstack-lb starting on the %s loop: %s", loop_name(factory), config)
     factory = apply_io_uring(factory, config.io_uring, variable="LB_IO_URING", log=log)
-    return run(serve(config), factory=factory, address=f"{config.host}:{config.port}", log=log)
+    return run(serve(config), factory=factory, address=host_port(config.host, config.port), log=log)
 
 
 if __name__ == "__main__":

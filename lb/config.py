@@ -151,7 +151,7 @@ class Config:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        for attr in ("host", "admin_host"):
+        for attr in ("host", "admin_host") if self.admin_port else ("host",):
             problem = host_name_problem(getattr(self, attr))
             if problem:
                 _fail(attr, problem)

@@ -48,7 +48,9 @@ class HealthChecker(Periodic):
         outcomes = await asyncio.gather(*(self.check(b) for b in backends), return_exceptions=True)
         for backend, outcome in zip(backends, outcomes, strict=True):
             if isinstance(outcome, asyncio.CancelledError):
-                raise outcome
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise outcome  # the checker stops: not a backend's doing
             if isinstance(outcome, BaseException):
                 passed, detail = False, f"check error: {type(outcome).__name__}: {outcome}"
             else:

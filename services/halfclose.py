@@ -55,12 +55,13 @@ class HalfCloseRequestHandler(web_protocol.RequestHandler):
         the EOF cut short (its reader then learns it ended early, as without this class)."""
         if self._force_close:
             return
+        # A pipelined request whose body the EOF cut short can never be whole: it is dropped
+        # before its handler runs (nothing of it is stored), and the ones before it answered.
+        while self._messages and not self._messages[-1][1].is_eof():
+            self._messages.pop()
         request = self._current_request
-        payloads = [payload for _message, payload in self._messages]
-        if request is not None:
-            payloads.append(request.content)
         last = self._last_payload
-        if not all(payload.is_eof() for payload in payloads):
+        if request is not None and not request.content.is_eof():
             self.force_close()
         elif self._waiter is not None and not self._waiter.done() and not self._messages:
             self.force_close()  # every answer is written (close() flushes them first)

@@ -23,6 +23,7 @@ import secrets
 import socket
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,10 @@ class Stack:
         self._loop = asyncio.get_running_loop()
         self.check_config()
         try:
+            if self.config.embedded:
+                # First: a second stack on this data directory is told so, not that its ports
+                # are taken (by the first one).
+                self._data_lock = _lock_data_dir(self.config.data_dir)
             self._check_ports()
             async with asyncio.timeout(self.config.ready_timeout):
                 pg_env = await self._start_database()
@@ -293,8 +298,6 @@ class Stack:
             return self._external_pg_env()
         data = cfg.data_dir.resolve()
         try:
-            data.mkdir(parents=True, exist_ok=True)
-            self._data_lock = _lock_data_dir(data)
             if (data / "pgdata" / "PG_VERSION").exists() and not (data / "pgpassword").exists():
                 raise StackError(
                     f"{data / 'pgdata'} holds a database but its password file "
@@ -585,6 +588,14 @@ class Stack:
 
 def _check_data_dir(data: Path) -> None:
     """What is already there must be usable as the embedded database's directory."""
+    try:
+        _check_data_dir_paths(data)
+    except OSError as exc:  # a folder on the way that this user may not search
+        raise ConfigError(f"STACK_DATA_DIR {data}: {exc.strerror or exc}: "
+                          f"{exc.filename or data}") from None
+
+
+def _check_data_dir_paths(data: Path) -> None:
     for path, kind in ((data, "a directory"), (data / "pgdata", "a directory"),
                        (data / "pgpassword", "a file")):
         exists = path.is_dir() if kind == "a directory" else path.is_file()
@@ -598,14 +609,20 @@ def _check_data_dir(data: Path) -> None:
         raise ConfigError(f"STACK_DATA_DIR {data}: {existing} is not writable")
 
 
-def _lock_data_dir(data: Path) -> int:
-    """Lock ``data`` for this process (released when it exits, even by SIGKILL); StackError
-    naming the holder when another stack has it."""
-    fd = os.open(data / "stack.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _lock_data_dir(path: Path) -> int:
+    """Lock the data directory for this process (released when it exits, even by SIGKILL);
+    StackError naming the holder when another stack has it."""
+    data = path.resolve()
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data / "stack.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StackError(f"STACK_DATA_DIR {path}: cannot use it: "
+                         f"{exc.strerror or exc}: {exc.filename or data}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        holder = _lock_holder(fd)
         os.close(fd)
         raise StackError(f"STACK_DATA_DIR {data} is in use by another stack (pid {holder}); "
                          "stop it first, or choose another STACK_DATA_DIR") from None
@@ -613,8 +630,29 @@ def _lock_data_dir(data: Path) -> int:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid the lock's holder wrote; it writes it just after locking, so a stack that
+    lost a race may look before it is there (or see the last holder's): look again, briefly."""
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit() and _alive(int(text)):
+            return text
+        time.sleep(0.05)
+    return "?"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _local_password(path: Path) -> str:

@@ -225,5 +225,29 @@ async def test_out_of_descriptors_at_accept_neither_kills_nor_spins() -> None:
                     await asyncio.sleep(0.2)
             lb.signal(signal.SIGTERM)
             assert await lb.wait() == 0
+            assert not [line for line in lb.lines if "Traceback" in line], "\n".join(lb.lines)
         if loop_name() == "asyncio":
             assert "accept() failed: [Errno 24]" in lb.output()
+
+
+def test_an_accept_retry_for_a_listener_closed_meanwhile_is_dropped() -> None:
+    """Out of descriptors, the default loop retries accept() a second later; the listener may
+    be closed by then (the cap reached, a SIGTERM): the retry must not raise on its fd -1."""
+    import socket
+
+    from common.loops import SelectorEventLoop, _AcceptBatch
+
+    loop = SelectorEventLoop()
+    try:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.close()
+        errors: list[dict[str, object]] = []
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        loop.call_soon(loop._start_serving, lambda: None, _AcceptBatch(listener))
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        assert errors == []
+    finally:
+        loop.close()

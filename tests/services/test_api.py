@@ -272,3 +272,13 @@ async def test_a_refused_body_s_sender_that_stops_is_let_go_at_once(
         writer.close()
         await writer.wait_closed()
     assert await stored(clean_db) == {}
+
+
+async def test_pipelined_whole_request_then_one_cut_short_the_whole_one_is_answered(
+    service: RunningService, clean_db: asyncpg.Connection
+) -> None:
+    whole = set_var_request("first", "v")
+    cut = set_var_request("second", "w")[:-5]
+    reply = await half_closed_exchange(service, whole + cut)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", reply) == [b"201"]
+    assert await stored(clean_db) == {"first": "v"}
