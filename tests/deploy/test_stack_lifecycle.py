@@ -34,6 +34,13 @@ def postmasters(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def on_other_ports(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a second stack on the same data directory: its own ports, no admin."""
+    port = free_port_run(2)
+    return env | {"LB_PORT": str(port), "LB_ADMIN_PORT": "0",
+                  "STACK_BACKEND_PORT": str(port + 1)}
+
+
 def running(proc: psutil.Process) -> bool:
     """Not exited: an orphan's zombie waits for PID 1 to reap it, which takes its time."""
     try:
@@ -127,10 +134,7 @@ def test_a_live_stack_s_database_is_not_taken_for_an_orphan(
         first.wait_for(READY, timeout=90)
         [postmaster] = postmasters(pgdata)
         # A second stack on the same data directory, on other ports: refused, not "reclaimed".
-        port = free_port_run(2)
-        other = one_replica_env | {"LB_PORT": str(port), "LB_ADMIN_PORT": "0",
-                                   "STACK_BACKEND_PORT": str(port + 1)}
-        second = Supervisor(other)
+        second = Supervisor(on_other_ports(one_replica_env))
         try:
             assert second.proc.wait(60) == 1, second.log()
             assert (f"STACK_DATA_DIR {pgdata.parent} is in use by another stack "
@@ -243,10 +247,7 @@ def test_two_stacks_on_one_data_directory_the_second_is_refused_naming_the_first
     one_replica_env: dict[str, str], pgdata: Path
 ) -> None:
     """Started together on a fresh directory, they must not both run initdb on it."""
-    port = free_port_run(2)
-    other = one_replica_env | {"LB_PORT": str(port), "LB_ADMIN_PORT": "0",
-                               "STACK_BACKEND_PORT": str(port + 1)}
-    first, second = Supervisor(one_replica_env), Supervisor(other)
+    first, second = Supervisor(one_replica_env), Supervisor(on_other_ports(one_replica_env))
     try:
         winner, loser = None, None
         deadline = time.monotonic() + 90
