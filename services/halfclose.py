@@ -43,7 +43,9 @@ class HalfCloseRequestHandler(web_protocol.RequestHandler):
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        self._last_payload = request.content
+        # Kept only while unfinished (a refused body aiohttp goes on reading): nothing is held
+        # for an idle keep-alive connection.
+        self._last_payload = None if request.content.is_eof() else request.content
         self._looks = 0
         result = await super().finish_response(request, resp, start_time)
         if self._client_done:

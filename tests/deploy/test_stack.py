@@ -96,7 +96,9 @@ def test_a_busy_port_is_reported_and_nothing_starts(stack_env: dict[str, str]) -
     assert result.returncode == 1
     assert "already in use" in result.stdout
     assert "(LB_PORT)" in result.stdout
-    assert not Path(stack_env["STACK_DATA_DIR"]).exists()  # not even the database started
+    # Not even the database started: its directory holds at most the stack's lock file.
+    data = Path(stack_env["STACK_DATA_DIR"])
+    assert not data.exists() or [p.name for p in data.iterdir()] == ["stack.lock"]
 
 
 def test_a_bad_setting_is_a_clear_error(stack_env: dict[str, str]) -> None:
