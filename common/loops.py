@@ -12,10 +12,10 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import Any
 
 from common.env import ConfigError
-from common.net import ListenError
+from common.net import OUT_OF_RESOURCES, ListenError
 
 LOOPS = ("auto", "uvloop", "asyncio")
 #: Whether libuv may use io_uring (in the balancer, only for its epoll_ctl calls).
@@ -114,15 +114,12 @@ class _AcceptBatch:
         try:
             return self.sock.accept()
         except OSError as exc:
-            if exc.errno in _OUT_OF_RESOURCES:
+            if exc.errno in OUT_OF_RESOURCES:
                 self._exhausted = True
             raise
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
-
-
-_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class SelectorEventLoop(asyncio.SelectorEventLoop):

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import socket
+from typing import Final
+
+#: accept() or connect() errors that mean "this process is out of something", not "that peer
+#: is bad".
+OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ListenError(OSError):

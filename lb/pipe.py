@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 import struct
 from collections.abc import Callable
 from typing import Final, cast
 
+from common.net import OUT_OF_RESOURCES
 from lb.backends import Backend, BackendPool, describe_error
 
 log = logging.getLogger("lb.pipe")
 
-#: Errors that mean "this process is out of something", not "that backend is bad".
-_LOCAL_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: SO_LINGER on, zero seconds: close() sends RST, so a reset is carried across as a reset.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 #: A shared timeout timer ticks this many times per timeout: a connection is closed after between
@@ -262,7 +260,7 @@ class Pipe(asyncio.Protocol):
                     timeouts_left -= 1
                     continue
                 except OSError as exc:
-                    if exc.errno in _LOCAL_ERRNOS:
+                    if exc.errno in OUT_OF_RESOURCES:
                         relay.log_local_error(backend.address, exc)
                         break
                     pool.connect_failed(backend, describe_error(exc))

@@ -111,11 +111,11 @@ class StackConfig:
                 raise ConfigError(
                     f"{name} {port} collides with the replicas' ports {self.backend_port}-{last}"
                 )
-        names = list(ports)
-        for i, name in enumerate(names):
-            for other in names[i + 1:]:
-                if ports[name] == ports[other]:
-                    raise ConfigError(f"{other} must differ from {name} (both {ports[name]})")
+        first_with: dict[int, str] = {}
+        for name, port in ports.items():
+            if port in first_with:
+                raise ConfigError(f"{name} must differ from {first_with[port]} (both {port})")
+            first_with[port] = name
 
     @property
     def embedded(self) -> bool:

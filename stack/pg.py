@@ -340,7 +340,7 @@ class EmbeddedPostgres(PostgresAddress):
             pid = int(pidfile.read_text().splitlines()[0])
         except (OSError, ValueError, IndexError):
             pid = 0
-        if pid > 0 and _alive(pid):
+        if pid > 0 and process_alive(pid):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
@@ -389,9 +389,9 @@ class EmbeddedPostgres(PostgresAddress):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
             deadline = time.monotonic() + wait
-            while _alive(pid) and time.monotonic() < deadline:
+            while process_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if not _alive(pid):
+            if not process_alive(pid):
                 self._say(f"the orphaned PostgreSQL (pid {pid}) has stopped")
                 return
         raise EmbeddedPostgresError(
@@ -484,7 +484,7 @@ def _parent(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Does ``pid`` run (a zombie, waiting for a parent that is not us to reap it, does not)?"""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()

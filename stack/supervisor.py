@@ -33,7 +33,7 @@ import services.config
 from common.loops import loop_factory
 from common.net import is_ip_address
 from stack.config import ConfigError, StackConfig, _reachable, host_port
-from stack.pg import EmbeddedPostgres, EmbeddedPostgresError, StopMode, free_port
+from stack.pg import EmbeddedPostgres, EmbeddedPostgresError, StopMode, free_port, process_alive
 from stack.process import Child, Output, RestartPolicy
 
 SUPERVISOR = "stack"
@@ -306,8 +306,7 @@ class Stack:
                 )
             password = _local_password(data / "pgpassword")
         except OSError as exc:
-            raise StackError(f"STACK_DATA_DIR {cfg.data_dir}: cannot use it: "
-                             f"{exc.strerror or exc}: {exc.filename or data}") from None
+            raise _unusable_data_dir(cfg.data_dir, exc) from None
         self.database = EmbeddedPostgres(
             data_dir=data / "pgdata",
             port=cfg.embedded_pg_port or free_port(),
@@ -609,6 +608,11 @@ def _check_data_dir_paths(data: Path) -> None:
         raise ConfigError(f"STACK_DATA_DIR {data}: {existing} is not writable")
 
 
+def _unusable_data_dir(path: Path, exc: OSError) -> StackError:
+    return StackError(f"STACK_DATA_DIR {path}: cannot use it: {exc.strerror or exc}: "
+                      f"{exc.filename or path.resolve()}")
+
+
 def _lock_data_dir(path: Path) -> int:
     """Lock the data directory for this process (released when it exits, even by SIGKILL);
     StackError naming the holder when another stack has it."""
@@ -617,8 +621,7 @@ def _lock_data_dir(path: Path) -> int:
         data.mkdir(parents=True, exist_ok=True)
         fd = os.open(data / "stack.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
-        raise StackError(f"STACK_DATA_DIR {path}: cannot use it: "
-                         f"{exc.strerror or exc}: {exc.filename or data}") from None
+        raise _unusable_data_dir(path, exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -639,20 +642,11 @@ def _lock_holder(fd: int) -> str:
     lost a race may look before it is there (or see the last holder's): look again, briefly."""
     for _ in range(20):
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        if text.isdigit() and _alive(int(text)):
+        if text.isdigit() and process_alive(int(text)):
             return text
         time.sleep(0.05)
     return "?"
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _local_password(path: Path) -> str:
