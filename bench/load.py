@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shlex
 import subprocess
 from dataclasses import dataclass, field
@@ -191,11 +192,48 @@ def display(cmd: list[str]) -> str:
 # --- /proc ------------------------------------------------------------------------------------
 
 
+def _stat_fields(pid: int) -> list[str]:
+    # After the last ")": a command name may hold spaces and parentheses.
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of one process so far (from /proc/<pid>/stat)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process, of its children that ended (cutime, cstime) and of its live
+    children: a PostgreSQL postmaster with every backend, those of connections that come and
+    go included."""
+    fields = _stat_fields(pid)
+    total = sum(int(f) for f in fields[11:15]) / _CLK_TCK
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            child = _stat_fields(int(entry.name))
+        except OSError:  # ended since the listing
+            continue
+        if int(child[1]) == pid:
+            total += (int(child[11]) + int(child[12])) / _CLK_TCK
+    return total
+
+
+def ended_children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that have ended and been waited for (the load
+    generators, once each run is over)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent working so far (/proc/stat: user, nice, system, irq and
+    softirq; not idle, iowait, or steal, the time the hypervisor gave to someone else)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8])
+    return (user + nice + system + irq + softirq) / _CLK_TCK
 
 
 def rss_kib(pid: int) -> int:

@@ -18,8 +18,12 @@ class Target:
     at_least: bool
     threshold: float
     prototype: str
-    #: Why the figure falls short when it does: what the profiles of this machine showed.
-    why: str = ""
+    #: Why the figure falls short when it does: what the profiles of this machine showed, and
+    #: what the run itself measured where it can (a function of the results).
+    why: str | Callable[[Results], str] = ""
+
+    def explain(self, results: Results) -> str:
+        return self.why(results) if callable(self.why) else self.why
 
 
 _KERNEL_BOUND = (
@@ -67,11 +71,35 @@ TARGETS: tuple[Target, ...] = (
            "round-to-round spread of the stack table."),
     Target("whole stack, 2 replicas, GET req/s ÷ `pgbench -S` tps", "≥ 0.2",
            lambda r: r.ratios("stack_get_rps", "ours-2", "pgbench"), True, 0.2, "0.14",
-           "Two cores hold wrk, the balancer, both replicas and PostgreSQL. A replica is "
-           "CPU-bound Python (alone, it takes 0.98 of a core at about 3.7k req/s: 250-280 CPU "
-           "us per request), so a second replica on the same two cores adds nothing: compare "
-           "direct-1 with ours-2. pgbench -S gives both cores to PostgreSQL and a C client."),
+           lambda r: _cpu_budget_why(r) + (
+               "Two cores hold wrk, the balancer, both replicas and PostgreSQL. A replica is "
+               "CPU-bound Python (alone, it takes 0.98 of a core at about 3.7k req/s: 250-280 "
+               "CPU us per request), so a second replica on the same two cores adds nothing: "
+               "compare direct-1 with ours-2. pgbench -S gives both cores to PostgreSQL and a "
+               "C client.")),
 )
+
+
+def _cpu_budget_why(r: Results) -> str:
+    """This run's own CPU account of the 2-replica stack against pgbench (empty if not measured)."""
+    split, pgbench = cpu_split(r, "ours-2"), cpu_split(r, "pgbench")
+    tps = summarize(r.get("stack_get_rps", "pgbench"))
+    busy = summarize(r.get("stack_busy_cores", "ours-2"))
+    if split is None or pgbench is None or tps is None or busy is None or not split["machine"]:
+        return ""
+    cores = busy.median
+    needed = 0.2 * tps.median
+    return (
+        f"In this run the 2-replica stack kept {fmt_num(cores)} cores busy, and each request "
+        f"cost {fmt_num(split['machine'])} CPU us in all: the replicas "
+        f"{fmt_num(split['replicas'])}, our balancer {fmt_num(split['balancer'])}, PostgreSQL "
+        f"{fmt_num(split['postgres'])}, wrk {fmt_num(split['load'])}, other "
+        f"{fmt_num(split['other'])} (the table under part 3). "
+        f"Reaching 0.2 of pgbench, {fmt_num(needed)} req/s, on those cores needs at most "
+        f"{fmt_num(cores * 1e6 / needed)} us per request. A pgbench transaction costs "
+        f"{fmt_num(pgbench['machine'])} us in all (PostgreSQL {fmt_num(pgbench['postgres'])}, "
+        f"pgbench {fmt_num(pgbench['load'])}). "
+    )
 
 
 def verdict(t: Target, values: list[float]) -> str:
@@ -96,7 +124,7 @@ def targets_table(results: Results) -> str:
     missed = [t for t in TARGETS if verdict(t, t.values(results)).startswith("missed")]
     if missed:
         rows += ["", "Why the missed ones fall short (from profiles taken on this machine):", ""]
-        rows += [f"- **{t.figure}**: {t.why}" for t in missed]
+        rows += [f"- **{t.figure}**: {t.explain(results)}" for t in missed]
     return "\n".join(rows)
 
 
@@ -242,6 +270,48 @@ def stack_section(results: Results) -> list[str]:
                          f"ours-{n}", f"haproxy-{n}")
         if row:
             lines.append(row)
+    return [*lines, "", *cpu_split_section(results)]
+
+
+_CPU_COLUMNS = (("replicas", "replicas"), ("balancer", "balancer"), ("postgres", "PostgreSQL"),
+                ("load", "wrk or pgbench"))
+
+
+def cpu_split(results: Results, variant: str) -> dict[str, float] | None:
+    """Median CPU us per request of each part for one path, ``other`` (what the machine spent
+    beyond the parts) and ``machine``; None when the run did not measure it."""
+    medians = {}
+    for part in (*(p for p, _ in _CPU_COLUMNS), "machine"):
+        s = summarize(results.get(f"stack_cpu_us_{part}", variant))
+        if s is None:
+            return None
+        medians[part] = s.median
+    medians["other"] = max(0.0, medians["machine"] - sum(medians[p] for p, _ in _CPU_COLUMNS))
+    return medians
+
+
+def cpu_split_section(results: Results) -> list[str]:
+    variants = [v for v in results.values.get("stack_get_rps", {}) if cpu_split(results, v)]
+    if not variants:
+        return []
+    lines = [
+        "Where the CPU goes: CPU us per request (per transaction for pgbench), medians of the "
+        "rounds, from /proc. Each process's user + system time; PostgreSQL is the postmaster "
+        "and all its backends; *all* is what every core of the machine spent (user, system, "
+        "interrupts; not idle or steal), and *other* is *all* less the named parts: kernel "
+        "work no process is charged for, the bench itself, anything else running.",
+        "",
+        "| path | " + " | ".join(title for _, title in _CPU_COLUMNS)
+        + " | other | all | cores busy |",
+        "|---" * (len(_CPU_COLUMNS) + 4) + "|",
+    ]
+    for v in variants:
+        split = cpu_split(results, v)
+        assert split is not None
+        cells = [fmt_num(split[part]) if split[part] else "-" for part, _ in _CPU_COLUMNS]
+        busy = fmt(results.get("stack_busy_cores", v), spread=False)
+        lines.append(f"| {v} | " + " | ".join(cells)
+                     + f" | {fmt_num(split['other'])} | {fmt_num(split['machine'])} | {busy} |")
     return [*lines, ""]
 
 

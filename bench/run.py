@@ -275,16 +275,82 @@ def _pg_user() -> dict[str, Any]:
     return dict(_as_user(_run_as()))
 
 
-def run_pgbench(port: int, password: str, seconds: float, dbname: str = "pgbench") -> float:
+@dataclass(frozen=True)
+class PgbenchResult:
+    tps: float
+    transactions: int
+
+
+def run_pgbench(port: int, password: str, seconds: float,
+                dbname: str = "pgbench") -> PgbenchResult:
     cmd = pgbench_cmd(port, seconds, dbname)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False,
                           env={**os.environ, "PGPASSWORD": password}, cwd="/", **_pg_user())
     if done.returncode != 0:
         raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-400:]}")
+    tps = transactions = None
     for line in done.stdout.splitlines():
         if line.startswith("tps ="):
-            return float(line.split()[2])
-    raise RuntimeError(f"no tps in pgbench output:\n{done.stdout}")
+            tps = float(line.split()[2])
+        elif line.startswith("number of transactions actually processed:"):
+            transactions = int(line.split(":", 1)[1].split("/")[0])
+    if tps is None or transactions is None:
+        raise RuntimeError(f"no tps in pgbench output:\n{done.stdout}")
+    return PgbenchResult(tps, transactions)
+
+
+#: The parts of the machine whose CPU the stack section accounts for, per request.
+CPU_PARTS = ("replicas", "balancer", "postgres", "load", "machine")
+
+
+class CpuSplit:
+    """Where the CPU goes while one stack run lasts: each part's CPU seconds from /proc.
+
+    ``load`` is the load generator (wrk or pgbench), a child of this process that has ended by
+    the time the run is read; ``machine`` is every core's busy time, whatever spent it.
+    """
+
+    def __init__(self, replica_pids: list[int], pg_pid: int) -> None:
+        self.replica_pids = replica_pids
+        self.pg_pid = pg_pid
+
+    def _read(self, balancer_pid: int | None) -> dict[str, dict[int, float]]:
+        readers: dict[str, dict[int, Callable[[int], float]]] = {
+            "replicas": {pid: load.cpu_seconds for pid in self.replica_pids},
+            "balancer": {balancer_pid: load.cpu_seconds} if balancer_pid else {},
+            "postgres": {self.pg_pid: load.tree_cpu_seconds},
+        }
+        seconds: dict[str, dict[int, float]] = {part: {} for part in readers}
+        for part, by_pid in readers.items():
+            for pid, read in by_pid.items():
+                with contextlib.suppress(OSError):  # a process gone is left out of the sum
+                    seconds[part][pid] = read(pid)
+        seconds["load"] = {0: load.ended_children_cpu_seconds()}
+        seconds["machine"] = {0: load.machine_busy_seconds()}
+        return seconds
+
+    @contextlib.contextmanager
+    def measure(self, balancer_pid: int | None = None) -> Iterator[dict[str, float]]:
+        """Yield a dict that holds, once the block is over, each part's CPU seconds in it and
+        ``wall``, its length in seconds."""
+        spent: dict[str, float] = {}
+        before = self._read(balancer_pid)
+        started = time.monotonic()
+        yield spent
+        after = self._read(balancer_pid)
+        spent["wall"] = time.monotonic() - started
+        for part, by_pid in before.items():
+            spent[part] = sum(after[part][pid] - cpu for pid, cpu in by_pid.items()
+                              if pid in after[part])
+
+
+def record_cpu(results: Results, variant: str, spent: dict[str, float], requests: int) -> None:
+    """Each part's CPU per request (us) and the cores the machine kept busy."""
+    if requests <= 0 or spent["wall"] <= 0:
+        return
+    for part in CPU_PARTS:
+        results.add(f"stack_cpu_us_{part}", variant, spent[part] / requests * 1e6)
+    results.add("stack_busy_cores", variant, spent["machine"] / spent["wall"])
 
 
 def init_pgbench(port: int, password: str) -> None:
@@ -402,33 +468,43 @@ def section_stack_measure(stack_info: dict[str, Any], procs: Procs, tools: Tools
     init_pgbench(pg_port, password)
     results.commands["pgbench"] = load.display(pgbench_cmd(pg_port, opts.seconds, "pgbench"))
     targets: dict[str, int] = {"direct-1": ports[0]}
+    balancer_pids: dict[str, int] = {}
     for n in SERVER_COUNTS:
         if n > len(ports):
             continue
         # Our balancer exactly as the stack runs it (python -m lb, its defaults), on a subset.
-        targets[f"ours-{n}"] = procs.ours(ports[:n], extra_env={
-            "LB_MAX_CONNECTIONS": "4096", "LB_BACKLOG": "1024"}).port
+        balancers = {f"ours-{n}": procs.ours(ports[:n], extra_env={
+            "LB_MAX_CONNECTIONS": "4096", "LB_BACKLOG": "1024"})}
         if tools.has("haproxy"):
-            targets[f"haproxy-{n}"] = procs.haproxy(tools.path("haproxy"), ports[:n]).port
+            balancers[f"haproxy-{n}"] = procs.haproxy(tools.path("haproxy"), ports[:n])
+        for name, proc in balancers.items():
+            targets[name] = proc.port
+            balancer_pids[name] = proc.pid
     variants = ["pgbench", *targets]
     for name, port in targets.items():  # warm-up: pools filled, code paths hot
         load.run_wrk(f"http://127.0.0.1:{port}/get_var?key=bench-1", seconds=1,
                      connections=CONNECTIONS, threads=WRK_THREADS_SERVICE, wrk=wrk)
         say(f"  warmed {name} (:{port})")
     run_pgbench(pg_port, password, 1)
+    cpu = CpuSplit(stack_info["replica_pids"], stack_info["pg_pid"])
     for rnd in range(opts.rounds):
         say(f"stack round {rnd + 1}/{opts.rounds}: " + " ".join(rotate(variants, rnd)))
         line = []
         for variant in rotate(variants, rnd):
             if variant == "pgbench":
-                tps = run_pgbench(pg_port, password, opts.seconds)
-                results.add("stack_get_rps", "pgbench", tps)
-                line.append(f"pgbench {tps:.0f} tps")
+                with cpu.measure() as spent:
+                    bench = run_pgbench(pg_port, password, opts.seconds)
+                results.add("stack_get_rps", "pgbench", bench.tps)
+                record_cpu(results, "pgbench", spent, bench.transactions)
+                line.append(f"pgbench {bench.tps:.0f} tps")
                 continue
-            res = load.run_wrk(f"http://127.0.0.1:{targets[variant]}", seconds=opts.seconds,
-                               connections=CONNECTIONS, threads=WRK_THREADS_SERVICE,
-                               script="get_query.lua", env=env, wrk=wrk)
+            with cpu.measure(balancer_pids.get(variant)) as spent:
+                res = load.run_wrk(f"http://127.0.0.1:{targets[variant]}",
+                                   seconds=opts.seconds, connections=CONNECTIONS,
+                                   threads=WRK_THREADS_SERVICE, script="get_query.lua", env=env,
+                                   wrk=wrk)
             results.add("stack_get_rps", variant, res.rps)
+            record_cpu(results, variant, spent, res.requests)
             for p, v in res.latency_ms.items():
                 results.add(f"stack_get_{p}", variant, v)
             _record(results, "stack", "GET", variant, rnd, res)
@@ -468,8 +544,11 @@ async def with_stack(procs: Procs, tools: Tools, opts: Options, results: Results
             await asyncio.to_thread(seed)
             say(f"stack: ready at {stack.url}; seeded {opts.bench_keys} keys bench-N and "
                 f"{WRK_THREADS_SERVICE}x{per_thread} del-T-N keys")
+            assert db.pid is not None
             info = {"replica_ports": config.replica_ports, "pg_port": db.port,
-                    "pg_password": db.password}
+                    "pg_password": db.password, "pg_pid": db.pid,
+                    "replica_pids": [replica.pid for replica in stack.replicas
+                                     if replica.pid is not None]}
             await asyncio.to_thread(section_stack_measure, info, procs, tools, opts, results,
                                     seed)
         except BaseException:
