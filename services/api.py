@@ -76,8 +76,9 @@ _QVALUE = re.compile(r"0(\.\d{0,3})?|1(\.0{0,3})?")
 
 @functools.lru_cache(maxsize=256)
 def _accept_prefers_json(accept: str) -> bool:
-    """Whether an Accept header asks for JSON rather than text: JSON needs a q above 0 and
-    above every text type's (a bare ``*/*`` keeps the original's plain text)."""
+    """Whether an Accept header asks for JSON rather than text: JSON needs a q above every
+    text type's, ``*/*`` included. A tie keeps the original's plain text: axios and Angular send
+    ``application/json, text/plain, */*`` by default, and the original's clients read text."""
     json_q = text_q = 0.0
     for item in accept.split(","):
         media, *params = item.strip().lower().split(";")
@@ -91,7 +92,7 @@ def _accept_prefers_json(accept: str) -> bool:
             json_q = max(json_q, q)
         elif media in ("text/plain", "text/*", "*/*"):
             text_q = max(text_q, q)
-    return json_q > 0 and json_q >= text_q
+    return json_q > text_q
 
 
 def wants_json(request: web.Request) -> bool:
@@ -125,6 +126,25 @@ def answer(
 # -- request parsing ---------------------------------------------------------
 
 
+class _Number(str):
+    """A JSON number, kept as the text the client wrote: never converted, so a 100,000-digit
+    number costs nothing, and a value stored from it reads back as written."""
+
+    __slots__ = ()
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise _NotJson(f"{name} is not JSON")  # Python's json reads NaN and Infinity; JSON has none
+
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for name, value in pairs:
@@ -134,18 +154,28 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _codings(request: web.Request, header: str, plain: tuple[str, ...]) -> list[str]:
+    """The codings every ``header`` of the request names, less the ``plain`` ones."""
+    codings = (coding.strip().lower() for value in request.headers.getall(header, ())
+               for coding in value.split(","))
+    return [coding for coding in codings if coding not in plain]
+
+
 def _body_refusal(request: web.Request) -> ClientError | None:
     """Why the body will not be read, known from the headers alone; None if it will be."""
     max_bytes = request.app[CONFIG].max_body_bytes
     # Every Content-Encoding header and every coding in each: a body is compressed if any
     # says so (the server does not inflate it: a 1 MB gzip bomb is 1 GB of work).
-    codings = [coding.strip().lower()
-               for value in request.headers.getall(hdrs.CONTENT_ENCODING, ())
-               for coding in value.split(",")]
-    compressed = [coding for coding in codings if coding not in ("", "identity")]
+    compressed = _codings(request, hdrs.CONTENT_ENCODING, ("", "identity"))
     if compressed:
         return ClientError(415, f"Content-Encoding {', '.join(compressed)} is not accepted; "
                            "send the body uncompressed", close=True)
+    # aiohttp's parser reads the chunks of `Transfer-Encoding: gzip, chunked` and leaves the
+    # gzip to the application: RFC 9112's answer to a coding a server does not do is 501.
+    transfer = _codings(request, hdrs.TRANSFER_ENCODING, ("", "chunked"))
+    if transfer:
+        return ClientError(501, f"Transfer-Encoding {', '.join(transfer)} is not supported; "
+                           "send the body uncompressed (chunked alone is fine)", close=True)
     if request.content_length is not None and request.content_length > max_bytes:
         return ClientError(413, f"request body is larger than {max_bytes} bytes", close=True)
     return None
@@ -185,22 +215,28 @@ async def _body_object(request: web.Request) -> dict[str, Any]:
                           close=True) from None
     if not raw.strip():
         return {}
+    # UTF-8, or UTF-16 or UTF-32 told by a byte-order mark or the zeros of its first bytes (as
+    # the original's json.loads read them).
+    encoding = json.detect_encoding(raw)
     try:
-        text = raw.decode("utf-8").removeprefix("\ufeff")
+        text = raw.decode(encoding).removeprefix("\ufeff")
     except UnicodeDecodeError:
-        _bad("request body is not valid UTF-8")
+        _bad(f"request body is not valid {encoding.upper().removesuffix('-SIG')}")
     try:
-        body = json.loads(text, object_pairs_hook=_no_duplicates)
+        body = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_Number,
+                          parse_float=_Number, parse_constant=_no_constant)
     except ClientError:
         raise
     except (ValueError, RecursionError) as exc:
-        # ValueError covers JSONDecodeError and numbers past Python's digit limit.
         if isinstance(exc, json.JSONDecodeError):
-            why = exc.msg
+            # Python's own "Invalid control character at" expects the position after it.
+            why = f"{exc.msg.removesuffix(' at')} at line {exc.lineno} column {exc.colno}"
         elif isinstance(exc, RecursionError):
             why = "nested too deeply"
         else:
-            why = "a number is too long"
+            why = str(exc)
+        if request.content_type in _FORM_TYPES:
+            why += "; form fields are not read: send JSON, or ?key=...&value=... in the URL"
         _bad(f"request body is not valid JSON ({why})")
     if not isinstance(body, dict):
         _bad('request body must be a JSON object, like {"key": "name", "value": "text"}')
@@ -211,6 +247,10 @@ def _query(request: web.Request) -> dict[str, list[str]]:
     raw = request.rel_url.raw_query_string
     if not raw:
         return {}
+    bad_escape = _BAD_ESCAPE.search(raw)
+    if bad_escape is not None:
+        at = raw[bad_escape.start():bad_escape.start() + 3]
+        _bad(f"query string has a bad percent-escape ({at}); send a literal % as %25")
     try:
         return parse_qs(raw, keep_blank_values=True, encoding="utf-8", errors="strict")
     except UnicodeDecodeError:
@@ -218,7 +258,7 @@ def _query(request: web.Request) -> dict[str, list[str]]:
 
 
 def _check_text(name: str, value: Any) -> str:
-    if not isinstance(value, str):
+    if not isinstance(value, str) or isinstance(value, _Number):
         _bad(f"{name} must be a string, got {_json_type(value)}")
     if "\x00" in value:
         _bad(f"{name} must not contain NUL (\\u0000) characters")
@@ -232,18 +272,27 @@ def _check_text(name: str, value: Any) -> str:
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", list: "an array",
+    return {bool: "a boolean", _Number: "a number", list: "an array",
             dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def _field(name: str, body: dict[str, Any], query: dict[str, list[str]]) -> str:
+def _field(name: str, body: dict[str, Any], query: dict[str, list[str]], *,
+           scalars_as_text: bool = False) -> str:
     in_body = name in body
     in_query = name in query
     if in_query and len(query[name]) > 1:
         _bad(f"{name} is given more than once in the query string")
     if not in_body and not in_query:
         _bad(f'missing {name}: send it in a JSON body ({{"{name}": ...}}) or as ?{name}=...')
-    value = _check_text(name, body[name]) if in_body else _check_text(name, query[name][0])
+    if in_body:
+        given = body[name]
+        if scalars_as_text and isinstance(given, bool):
+            given = "true" if given else "false"
+        elif scalars_as_text and isinstance(given, _Number):
+            given = str(given)
+        value = _check_text(name, given)
+    else:
+        value = _check_text(name, query[name][0])
     if in_body and in_query and query[name][0] != value:
         _bad(f"{name} is given in both the query string and the body, with different values")
     return value
@@ -258,7 +307,8 @@ async def _parse(request: web.Request, *, with_value: bool) -> tuple[str, str]:
     max_key = request.app[CONFIG].max_key_bytes
     if len(key) * 4 > max_key and len(key.encode("utf-8")) > max_key:
         _bad(f"key is longer than {max_key} bytes (UTF-8)")
-    value = _field("value", body, query) if with_value else ""
+    # The original stored a number or boolean value as its text (PostgreSQL casts it).
+    value = _field("value", body, query, scalars_as_text=True) if with_value else ""
     return key, value
 
 

@@ -53,7 +53,11 @@ def _body(required: list[str]) -> dict[str, Any]:
             "type": "object",
             "properties": {
                 "key": {"type": "string", "minLength": 1},
-                "value": {"type": "string"},
+                "value": {
+                    "description": "A number or boolean is stored as its JSON text, as the "
+                                   "original stored it: 8080 as \"8080\", true as \"true\".",
+                    "oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}],
+                },
             },
             "required": required,
         }}},
@@ -73,6 +77,7 @@ def _operation(
             "400": _error("The request is malformed; the message says what is wrong."),
             "413": _error("The body is larger than SERVICE_MAX_BODY_BYTES."),
             "415": _error("The body is compressed (Content-Encoding); send it uncompressed."),
+            "501": _error("The body has a Transfer-Encoding other than chunked."),
             "503": _UNAVAILABLE,
         },
     }

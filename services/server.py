@@ -16,7 +16,7 @@ import signal
 from aiohttp import web
 
 from common.net import listening_socket
-from services import halfclose
+from services import connection
 from services.api import Lifecycle, access_logger_class, create_app
 from services.config import Config
 
@@ -55,7 +55,7 @@ class Server:
         self.port = int(sock.getsockname()[1])
         served_by = cfg.served_by_for(self.port)
         app = create_app(cfg, served_by=served_by, lifecycle=self.lifecycle)
-        self._runner = halfclose.AppRunner(
+        self._runner = connection.AppRunner(
             app,
             handle_signals=False,
             shutdown_timeout=cfg.shutdown_timeout,

@@ -7,6 +7,7 @@ import io
 import aiohttp
 import asyncpg
 import pytest
+import yarl
 
 from tests.services.conftest import RunningService
 
@@ -26,10 +27,13 @@ CASES: list[tuple[str, str, bytes | None, int, str]] = [
     ("POST", "/set_var", b'{"key": 5, "value": "v"}', 400, "key must be a string, got a number"),
     ("POST", "/set_var", b'{"key": null, "value": "v"}', 400, "key must be a string, got null"),
     ("POST", "/set_var", b'{"key": ["k"], "value": "v"}', 400, "got an array"),
-    ("POST", "/set_var", b'{"key": "k", "value": 5}', 400, "value must be a string"),
-    ("POST", "/set_var", b'{"key": "k", "value": null}', 400, "value must be a string"),
+    ("POST", "/set_var", b'{"key": "k", "value": null}', 400, "value must be a string, got null"),
     ("POST", "/set_var", b'{"key": "k", "value": {"a": 1}}', 400, "got an object"),
-    ("POST", "/set_var", b'{"key": "k", "value": true}', 400, "got a boolean"),
+    ("POST", "/set_var", b'{"key": "k", "value": ["a"]}', 400, "got an array"),
+    ("POST", "/set_var", b'{"key": true, "value": "v"}', 400, "key must be a string, got a bool"),
+    ("POST", "/set_var", b'{"key": 1.5, "value": "v"}', 400, "key must be a string, got a number"),
+    ("POST", "/set_var", b'{"key": "k", "value": NaN}', 400, "not valid JSON (NaN is not JSON)"),
+    ("POST", "/set_var", b'{"key": "k", "value": -Infinity}', 400, "-Infinity is not JSON"),
     ("POST", "/set_var", b'{"key": "", "value": "v"}', 400, "key must not be empty"),
     ("POST", "/set_var", b'{"key": "a\\u0000b", "value": "v"}', 400, "key must not contain NUL"),
     ("POST", "/set_var", b'{"key": "k", "value": "\\u0000"}', 400, "value must not contain NUL"),
@@ -42,11 +46,20 @@ CASES: list[tuple[str, str, bytes | None, int, str]] = [
     ("POST", "/set_var", b'{"key": "' + "€".encode() * 342 + b'", "value": "v"}', 400,
      "longer than 1024 bytes"),
     ("POST", "/set_var", b"[" * 100_000 + b"]" * 100_000, 400, "not valid JSON"),
-    ("POST", "/set_var", b'{"key": NaN, "value": "v"}', 400, "key must be a string"),
+    ("POST", "/set_var", b'{"key": NaN, "value": "v"}', 400, "not valid JSON (NaN is not JSON)"),
+    ("POST", "/set_var", b'{"key": "a\tb", "value": "v"}', 400,
+     "not valid JSON (Invalid control character at line 1 column 11)"),
+    ("POST", "/set_var", b'{"key": "k",\n "value": }', 400, "at line 2 column 11"),
+    ("POST", "/set_var", '{"key": "k", "value": "\u00e9"}'.encode("utf-16-le") + b"\x00\xd8", 400,
+     "not valid UTF-16-LE"),
     ("POST", "/set_var?key=a&key=b", b'{"value": "v"}', 400, "more than once"),
     ("POST", "/set_var?key=other", b'{"key": "k", "value": "v"}', 400, "different values"),
     ("POST", "/set_var?key=%ff", b'{"value": "v"}', 400, "query string is not valid UTF-8"),
     ("POST", "/set_var?key=%00", b'{"value": "v"}', 400, "NUL"),
+    ("POST", "/set_var?key=p%zz1", b'{"value": "v"}', 400,
+     "query string has a bad percent-escape (%zz); send a literal % as %25"),
+    ("POST", "/set_var?key=k&value=v%", None, 400, "bad percent-escape (%)"),
+    ("GET", "/get_var?key=%4", None, 400, "bad percent-escape (%4)"),
     ("PUT", "/edit_var", b'{"key": "k"}', 400, "missing value"),
     ("PUT", "/edit_var", b"{", 400, "not valid JSON"),
     ("GET", "/get_var", None, 400, "missing key"),
@@ -77,8 +90,9 @@ async def test_bad_request_is_named_and_nothing_is_stored(
     words: str,
 ) -> None:
     data = io.BytesIO(body) if body is not None and len(body) > 65536 else body
+    url = yarl.URL(f"{service.url}{path}", encoded=True)  # sent as written, bad escapes too
     async with http.request(
-        method, f"{service.url}{path}", data=data, headers=JSON_CT if body is not None else None
+        method, url, data=data, headers=JSON_CT if body is not None else None
     ) as r:
         text = await r.text()
         assert r.status == status, text
@@ -184,13 +198,99 @@ async def test_an_empty_content_encoding_is_no_coding(
         assert r.status == 201
 
 
-async def test_a_number_too_long_for_python_is_400(
-    service: RunningService, http: aiohttp.ClientSession
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        (b"8080", "8080"),
+        (b"-0", "-0"),
+        (b"1.50", "1.50"),
+        (b"1e400", "1e400"),  # past a float: kept as written, not read as infinity
+        (b"1" * 5000, "1" * 5000),  # past Python's int digit limit: never converted
+        (b"true", "true"),
+        (b"false", "false"),
+    ],
+)
+async def test_a_number_or_boolean_value_is_stored_as_its_json_text(
+    service: RunningService, http: aiohttp.ClientSession, value: bytes, stored: str
 ) -> None:
-    body = b'{"key": "k", "value": ' + b"1" * 5000 + b"}"
+    # The original passed it to psycopg, and PostgreSQL cast it into the text column.
+    body = b'{"key": "n", "value": ' + value + b"}"
     async with http.post(f"{service.url}/set_var", data=body, headers=JSON_CT) as r:
+        assert r.status == 201, await r.text()
+    async with http.get(f"{service.url}/get_var?key=n") as r:
+        assert (r.status, await r.text()) == (200, stored)
+    body = b'{"key": "n", "value": ' + value + b"}"
+    async with http.put(f"{service.url}/edit_var", data=body,
+                        headers={**JSON_CT, "Accept": "application/json"}) as r:
+        assert (r.status, await r.json()) == (200, {"key": "n", "value": stored})
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"])
+async def test_a_utf16_or_utf32_json_body_is_read_as_the_original_read_it(
+    service: RunningService, http: aiohttp.ClientSession, encoding: str
+) -> None:
+    body = '{"key": "wide", "value": "été ✓"}'.encode(encoding)
+    async with http.post(f"{service.url}/set_var", data=body, headers=JSON_CT) as r:
+        assert r.status == 201, await r.text()
+    async with http.get(f"{service.url}/get_var?key=wide") as r:
+        assert await r.text() == "été ✓"
+
+
+async def test_a_form_body_is_told_to_send_json(
+    service: RunningService, http: aiohttp.ClientSession, clean_db: asyncpg.Connection
+) -> None:
+    async with http.post(f"{service.url}/set_var", data={"key": "f", "value": "v"}) as r:
         assert r.status == 400
-        assert "not valid JSON (a number is too long)" in await r.text()
+        assert "form fields are not read: send JSON, or ?key=...&value=... in the URL" in (
+            await r.text())
+    assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+
+
+async def test_a_transfer_coding_other_than_chunked_is_501(
+    service: RunningService, clean_db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import gzip
+
+    payload = gzip.compress(b'{"key": "g", "value": "v"}')
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    writer.write(b"POST /set_var HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                 + f"{len(payload):x}\r\n".encode() + payload + b"\r\n0\r\n\r\n")
+    reply = await asyncio.wait_for(reader.read(), 10)  # read() returns: the server closed
+    writer.close()
+    await writer.wait_closed()
+    assert reply.split(b" ")[1] == b"501", reply
+    assert b"Transfer-Encoding gzip is not supported" in reply
+    assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /set_var HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /set_var HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+        b"POST /set_var HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+    ],
+    ids=["bad chunk size", "chunked twice", "length and chunked"],
+)
+async def test_a_request_the_parser_refuses_is_one_log_line_not_an_error(
+    service: RunningService, caplog: pytest.LogCaptureFixture, request_bytes: bytes
+) -> None:
+    import asyncio
+    import logging
+
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    writer.write(request_bytes)
+    reply = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    await writer.wait_closed()
+    assert reply.split(b" ")[1] == b"400", reply
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.levelno for r in records] == [logging.INFO], records
+    assert records[0].exc_info is None
+    assert records[0].getMessage().startswith("Error handling request from 127.0.0.1: ")
 
 
 async def test_a_name_twice_in_the_body_is_400_like_twice_in_the_query(
@@ -240,6 +340,10 @@ async def test_clients_leaving_mid_body_are_not_server_errors(
         ("application/*", True),
         ("application/problem+json", True),
         ("*/*;q=0.1, application/json", True),
+        # A tie keeps the original's text: axios' and Angular's default Accept.
+        ("application/json, text/plain, */*", False),
+        ("application/json, */*", False),
+        ("application/json, */*;q=0.5", True),  # HTTPie's: JSON preferred
         ("text/plain, application/json;q=0", False),
         ("text/plain;q=0.5, application/json;q=0.9", True),
         ("application/json;q=0.5, text/plain", False),

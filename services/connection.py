@@ -1,11 +1,16 @@
-"""Answer a client that has shut down its sending side after a whole request.
+"""aiohttp's connection handler, amended in two ways.
 
-A client may send its request and ``shutdown(SHUT_WR)`` (``nc -N``, some scripts, a proxy
-passing its client's half-close on). aiohttp closes the connection on that EOF
-(aio-libs/aiohttp#3659): the handler still runs, so a ``set_var`` is stored, but its answer
-is never sent, and the client cannot tell a stored write from a lost one. Here the EOF keeps
-the connection open while requests the client has sent whole are answered, then closes it.
-A request whose body the EOF cut short, or an idle connection, is closed at once, as before.
+**A client that half-closes gets its answers.** A client may send its request and
+``shutdown(SHUT_WR)`` (``nc -N``, some scripts, a proxy passing its client's half-close on).
+aiohttp closes the connection on that EOF (aio-libs/aiohttp#3659): the handler still runs, so
+a ``set_var`` is stored, but its answer is never sent, and the client cannot tell a stored
+write from a lost one. Here the EOF keeps the connection open while requests the client has
+sent whole are answered, then closes it. A request whose body the EOF cut short, or an idle
+connection, is closed at once, as before.
+
+**A request the client malformed is one log line.** aiohttp's parser answers it 400 itself
+and logs an ERROR with a traceback (a bad chunk size, a doubled ``Transfer-Encoding``): any
+client could fill the log, or page whoever watches it for errors. It is logged at INFO.
 
 It relies on aiohttp's ``RequestHandler`` internals; ``tests/services/test_api.py`` sends
 such requests through a real socket, so an aiohttp that changes them fails there.
@@ -16,13 +21,14 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import StreamReader, web, web_protocol
+from aiohttp.http_exceptions import HttpProcessingError
 
 #: Loop steps a connection may spend between aiohttp's states before the EOF closes it anyway
 #: (a request moving from its parse to its handler takes one or two).
 _MAX_LOOKS = 100
 
 
-class HalfCloseRequestHandler(web_protocol.RequestHandler):
+class RequestHandler(web_protocol.RequestHandler):
     __slots__ = ("_client_done", "_last_payload", "_looks")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -30,6 +36,14 @@ class HalfCloseRequestHandler(web_protocol.RequestHandler):
         self._client_done = False
         self._last_payload: StreamReader | None = None
         self._looks = 0
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError):  # the parser's 400: the client's mistake
+            message, *params = args
+            self.logger.info(f"{message}: %s", *params, exc.message or exc)
+            return
+        super().log_exception(*args, **kw)
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
         if self._force_close or self._close or not self._request_count:
@@ -83,15 +97,15 @@ class HalfCloseRequestHandler(web_protocol.RequestHandler):
             self.force_close()
 
 
-class HalfCloseServer(web.Server):
+class Server(web.Server):
     def __call__(self) -> web_protocol.RequestHandler:
-        return HalfCloseRequestHandler(self, loop=self._loop, **self._kwargs)
+        return RequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class AppRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections answer a client that has half-closed."""
+    """``web.AppRunner`` whose connections are served by this module's ``RequestHandler``."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        server.__class__ = HalfCloseServer  # same object, same state: only __call__ differs
+        server.__class__ = Server  # same object, same state: only __call__ differs
         return server
