@@ -5,7 +5,9 @@ directory, drives it with concurrent clients (new connection per request and kee
 through the balancer, fires the faults one after another with steady load between them,
 and prints a verdict table: requests and failures per fault and why, recovery times,
 acknowledged writes checked against the database, the history's linearizability, leaks.
-Exit status 0 when nothing was lost and every failure is one the fault explains, else 1.
+Exit status 0 when nothing was lost and every failure is one the fault explains, else 1;
+2 for a bad option; 128 + the signal's number after Ctrl-C (SIGINT), SIGTERM or SIGHUP,
+which stop the stack and remove its scratch directory first.
 
 ``--url`` targets a stack that is already running instead (no faults: it cannot signal
 processes it does not own): the load, the history check and a final read-back through the
@@ -17,7 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -226,6 +230,34 @@ def _say(out: TextIO) -> Callable[[str], None]:
 
 
 async def main_async(args: argparse.Namespace, out: TextIO, log: TextIO | None) -> int:
+    """The run, stopped in order by Ctrl-C, SIGTERM or SIGHUP: the stack stops, and the scratch
+    directory goes (a SIGTERMed run left its PostgreSQL running and its data behind)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    signalled: list[signal.Signals] = []
+
+    def stop(signum: signal.Signals) -> None:
+        if not signalled:  # once: a second signal must not cut the stack's own stop short
+            signalled.append(signum)
+            task.cancel()
+
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for signum in stop_signals:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        return await _run(args, out, log)
+    except asyncio.CancelledError:
+        if not signalled:
+            raise
+        _say(out)(f"stopped by {signalled[0].name}: the stack is stopped, its scratch data removed")
+        return 128 + signalled[0].value
+    finally:
+        for signum in stop_signals:
+            loop.remove_signal_handler(signum)
+
+
+async def _run(args: argparse.Namespace, out: TextIO, log: TextIO | None) -> int:
     plan = Plan(
         faults=[f for f in args.faults.split(",") if f] if args.faults else FAULTS,
         settle=args.settle if args.settle is not None else (2.0 if args.quick else 25.0),
@@ -289,9 +321,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_parsed(args)
 
 
-def run_parsed(args: argparse.Namespace) -> int:
+def option_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, before anything starts; None if nothing."""
     if args.workers < 1:
-        print("--workers must be at least 1", file=sys.stderr)
+        return "--workers must be at least 1"
+    unknown = [f for f in args.faults.split(",") if f and f not in FAULTS]
+    if unknown:
+        return f"--faults: unknown fault {', '.join(unknown)}; choose from {', '.join(FAULTS)}"
+    if args.faults and args.url:
+        return "--faults needs a stack of our own: it cannot go with --url"
+    if args.settle is not None and not (math.isfinite(args.settle) and args.settle >= 0):
+        return f"--settle must be a number of seconds >= 0, got {args.settle}"
+    return None
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    problem = option_problem(args)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     with contextlib.ExitStack() as exits:
         log = exits.enter_context(open(args.log, "w", encoding="utf-8")) if args.log else None

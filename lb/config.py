@@ -33,6 +33,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 CHECK_MODES = ("http", "tcp")
 #: A container gets 10 s between SIGTERM and SIGKILL; the drain must end before that.
 STOP_GRACE = 10.0
+#: The shortest health-check or resolve period: shorter ones only keep a core busy.
+MIN_INTERVAL = 0.01
 
 CheckMode = Literal["http", "tcp"]
 LoopName = Literal["auto", "uvloop", "asyncio"]
@@ -66,7 +68,7 @@ SETTINGS: tuple[Setting, ...] = (
             help="port of the backends found through `LB_BACKEND_HOST`"),
     Setting(env="LB_RESOLVE_INTERVAL", attr="resolve_interval", default="5",
             help="seconds between two resolutions of `LB_BACKEND_HOST` (or the names in "
-                 "`LB_BACKENDS`)"),
+                 "`LB_BACKENDS`); at least 0.01"),
     Setting(env="LB_ADMIN_HOST", attr="admin_host", default="127.0.0.1",
             help="address of the admin listener (`/`, `/stats`, `/metrics`)"),
     Setting(env="LB_ADMIN_PORT", attr="admin_port", default="8404",
@@ -76,7 +78,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="LB_CHECK_PATH", attr="check_path", default="/healthcheck",
             help="path of the HTTP health check"),
     Setting(env="LB_CHECK_INTERVAL", attr="check_interval", default="2",
-            help="seconds between two health checks of a backend"),
+            help="seconds between two health checks of a backend; at least 0.01"),
     Setting(env="LB_CHECK_RISE", attr="check_rise", default="2",
             help="consecutive passed checks that bring a down backend up"),
     Setting(env="LB_CHECK_FALL", attr="check_fall", default="3",
@@ -170,13 +172,13 @@ class Config:
             problem = host_name_problem(self.backend_host)
             if problem:
                 _fail("backend_host", problem)
-        _check_positive("resolve_interval", self.resolve_interval)
+        _check_positive("resolve_interval", self.resolve_interval, low=MIN_INTERVAL)
         if self.check_mode not in CHECK_MODES:
             _fail("check_mode", f"must be one of {', '.join(CHECK_MODES)}, got {self.check_mode!r}")
         if not _CHECK_PATH.fullmatch(self.check_path):
             _fail("check_path", "must be a path starting with '/', in printable ASCII without "
                   f"spaces (percent-encode the rest), got {self.check_path!r}")
-        _check_positive("check_interval", self.check_interval)
+        _check_positive("check_interval", self.check_interval, low=MIN_INTERVAL)
         _check_int("check_rise", self.check_rise, low=1)
         _check_int("check_fall", self.check_fall, low=1)
         _check_positive("check_timeout", self.check_timeout)
@@ -266,9 +268,12 @@ def _check_int(attr: str, value: int, *, low: int, high: int | None = None) -> N
         _fail(attr, f"must be an integer <= {high}, got {value}")
 
 
-def _check_positive(attr: str, value: float) -> None:
+def _check_positive(attr: str, value: float, *, low: float = 0.0) -> None:
     if not (math.isfinite(value) and value > 0):
         _fail(attr, f"must be a number of seconds > 0, got {value}")
+    if value < low:
+        _fail(attr, f"must be at least {low:g} s (a shorter period keeps a core busy), "
+                    f"got {value:g}")
 
 
 def _typed(kind: Callable[[str], T], what: str) -> Callable[[str, str], T]:

@@ -48,6 +48,8 @@ DATABASE_KILL_TIMEOUT = 3.0
 DATABASE_CONNECTIONS_HEADROOM = 20
 #: PostgreSQL's own default max_connections, all a server is known to allow unchecked.
 POSTGRES_DEFAULT_MAX_CONNECTIONS = 100
+#: PostgreSQL's default superuser_reserved_connections: slots ordinary roles cannot take.
+POSTGRES_RESERVED_CONNECTIONS = 3
 #: Beyond this the embedded PostgreSQL's shared memory (per-slot lock tables, ...) grows past
 #: what a laptop or a small VM has: refuse the configuration rather than fail at start.
 DATABASE_MAX_CONNECTIONS = 10000
@@ -288,12 +290,14 @@ class Stack:
         connections = cfg.server_count * pool_max
         if not cfg.embedded:
             self.log(f"database: external PostgreSQL at {host_port(cfg.pg_host, cfg.pg_port)}")
-            if connections > POSTGRES_DEFAULT_MAX_CONNECTIONS - 3:
+            ordinary = POSTGRES_DEFAULT_MAX_CONNECTIONS - POSTGRES_RESERVED_CONNECTIONS
+            if connections > ordinary:
                 self.log(
                     f"warning: the replicas may open up to {connections} connections "
                     f"(SERVER_COUNT {cfg.server_count} x SERVICE_POOL_MAX_SIZE {pool_max}), more "
-                    f"than PostgreSQL's default max_connections ({POSTGRES_DEFAULT_MAX_CONNECTIONS}"
-                    ") allows: make sure the external database's max_connections is higher"
+                    f"than the {ordinary} that PostgreSQL's default max_connections "
+                    f"({POSTGRES_DEFAULT_MAX_CONNECTIONS}, {POSTGRES_RESERVED_CONNECTIONS} of them "
+                    "kept for superusers) leaves: make sure the external database allows more"
                 )
             return self._external_pg_env()
         data = cfg.data_dir.resolve()

@@ -202,6 +202,24 @@ def test_a_data_directory_that_cannot_be_used_is_a_bad_setting(
     assert str(refused.value) == message.format(data=data, parent=parent)
 
 
+@pytest.mark.parametrize(("pool", "warned"), [("48", False), ("49", True)])
+async def test_an_external_database_is_warned_of_past_the_97_slots_a_default_server_leaves(
+    pool: str, warned: bool
+) -> None:
+    # PostgreSQL's default max_connections is 100, 3 of them kept for superusers: 2 x 48 = 96
+    # fit, 2 x 49 = 98 do not.
+    env = {"SERVER_COUNT": "2", "SERVICE_POOL_MAX_SIZE": pool, "PGSQL_HOST": "127.0.0.1"}
+    log = io.StringIO()
+    stack = Stack(StackConfig.from_env(env), output=Output(log))
+    stack.check_config()
+    await stack._start_database()
+    assert ("warning: the replicas may open up to 98 connections (SERVER_COUNT 2 x "
+            "SERVICE_POOL_MAX_SIZE 49), more than the 97 that PostgreSQL's default "
+            "max_connections (100, 3 of them kept for superusers) leaves" in log.getvalue()
+            ) is warned
+    assert "database: external PostgreSQL at 127.0.0.1:5432" in log.getvalue()
+
+
 def test_an_external_database_is_not_limited_by_the_embedded_one_s_ceiling() -> None:
     env = {"SERVER_COUNT": "200", "SERVICE_POOL_MAX_SIZE": "100", "PGSQL_HOST": "db"}
     assert Stack(StackConfig.from_env(env)).check_config().pool_max_size == 100

@@ -64,6 +64,9 @@ def test_env_is_read_and_flags_win() -> None:
         ({"LB_CHECK_MODE": "udp"}, "LB_CHECK_MODE: must be one of http, tcp"),
         ({"LB_CHECK_PATH": "healthcheck"}, "LB_CHECK_PATH: must be a path"),
         ({"LB_CHECK_INTERVAL": "0"}, "LB_CHECK_INTERVAL: must be a number of seconds > 0"),
+        # A period of a microsecond ran a check (or a lookup) back to back: a core kept busy.
+        ({"LB_CHECK_INTERVAL": "0.000001"}, "LB_CHECK_INTERVAL: must be at least 0.01 s"),
+        ({"LB_RESOLVE_INTERVAL": "1e-300"}, "LB_RESOLVE_INTERVAL: must be at least 0.01 s"),
         ({"LB_CHECK_TIMEOUT": "nan"}, "LB_CHECK_TIMEOUT: must be a number of seconds > 0"),
         ({"LB_CONNECT_RETRIES": "-1"}, "LB_CONNECT_RETRIES: must be an integer >= 0"),
         ({"LB_DRAIN_TIMEOUT": "10"}, "LB_DRAIN_TIMEOUT: must be below the 10 s stop grace"),
