@@ -1,4 +1,4 @@
-"""``python -m lb`` / ``varstack-lb``: run the balancer until SIGTERM or SIGINT.
+"""``python -m lb`` / ``varstack-lb``: run the balancer until SIGTERM, SIGINT or SIGHUP.
 
 The first signal starts the drain (stop listening, let connections finish until
 ``LB_DRAIN_TIMEOUT``); a second one closes what is left at once.  The handlers only set flags; the
@@ -22,6 +22,8 @@ from lb.server import Server
 
 log = logging.getLogger("lb")
 
+#: A container's stop, Ctrl-C, and the terminal closing: each starts the drain.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Descriptors kept for everything that is not a proxied connection (listeners, checks, logs).
 _FD_RESERVE = 64
 #: At most one log line per this many seconds about accept() running out of descriptors.
@@ -81,12 +83,12 @@ async def serve(config: Config) -> None:
             log.info("%s: draining", signal.Signals(signum).name)
             stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await server.serve(stop)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
 
 

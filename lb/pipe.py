@@ -395,9 +395,23 @@ class Pipe(asyncio.Protocol):
     def _abort(self, why: str, *, reset: bool) -> None:
         """Close both sides now, dropping buffered bytes; with ``reset``, peers get an RST."""
         for transport in self._ending(why):
+            if transport is self.client:  # the count is of bytes that left, not of dropped ones
+                self.bytes_to_client -= transport.get_write_buffer_size()
+            else:
+                self.bytes_to_backend -= transport.get_write_buffer_size()
             if reset:
                 _linger_reset(transport)
             transport.abort()
+
+    def _cut(self, why: str) -> None:
+        """The balancer ends the connection on its own (a timeout, the drain deadline). A FIN
+        would tell each peer that the other's stream ended there, so when bytes are in flight
+        (held in a buffer here, held back from a peer that does not read, or moving since the
+        last tick) the peers get an RST: a cut-short answer never looks whole. A quiet
+        connection is closed."""
+        in_flight = (self._active or self._client_full or self._upstream_full or any(
+            t.get_write_buffer_size() for t in (self.client, self.upstream) if t is not None))
+        self._abort(why, reset=in_flight)
 
     def _ending(self, why: str) -> tuple[asyncio.Transport, ...]:
         """Mark the connection as ending (once: later calls get nothing to close), stop its
@@ -417,7 +431,7 @@ class Pipe(asyncio.Protocol):
 
     def shutdown(self, why: str) -> None:
         """The server is stopping and cannot wait any longer for this connection."""
-        self._abort(why, reset=False)
+        self._cut(why)
 
     def _maybe_done(self) -> None:
         if self._done or self.client_open or self.upstream_open or self._connector is not None:
@@ -472,7 +486,7 @@ class Pipe(asyncio.Protocol):
             return
         self._idle_ticks += 1
         if self._idle_ticks >= _TICKS:
-            self._abort(sweep.why, reset=False)
+            self._cut(sweep.why)
 
 
 class _Sweep:

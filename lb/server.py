@@ -111,8 +111,9 @@ class Server:
             if self.discovery is None:
                 self.pool.update(config.backends)
                 if len(self.pool) != config.server_count:
-                    log.warning("LB_BACKENDS lists %d backends, SERVER_COUNT expects %d",
-                                len(self.pool), config.server_count)
+                    log.warning("LB_BACKENDS lists %d backend%s, SERVER_COUNT expects %d",
+                                len(self.pool), "" if len(self.pool) == 1 else "s",
+                                config.server_count)
             else:
                 # The first answer before the first client, but never wait for DNS for long.
                 with contextlib.suppress(TimeoutError):

@@ -22,7 +22,8 @@ from services.config import Config
 
 log = logging.getLogger("services.server")
 
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: Ctrl-C, a container's stop, and the terminal closing: each starts the drain.
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Server:

@@ -384,6 +384,17 @@ async def read_to_end(reader: asyncio.StreamReader) -> bytes:
     return got
 
 
+async def how_it_ends(reader: asyncio.StreamReader) -> tuple[int, str]:
+    """The bytes read until the end, and how it came: ``eof`` (FIN) or ``reset`` (RST)."""
+    got = 0
+    try:
+        while chunk := await reader.read(1 << 20):
+            got += len(chunk)
+    except ConnectionResetError:
+        return got, "reset"
+    return got, "eof"
+
+
 async def exchange(port: int, payload: bytes, *, timeout: float = 5.0) -> bytes:
     """Send ``payload`` and EOF, read until the proxy closes (FIN or RST)."""
     async with asyncio.timeout(timeout):

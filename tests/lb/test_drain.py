@@ -17,6 +17,7 @@ from tests.lb.lbkit import (
     close,
     connect,
     exchange,
+    how_it_ends,
     loop_name,
     pattern,
     read_to_end,
@@ -63,7 +64,7 @@ async def refused(port: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_signal_drains_a_transfer_in_flight(signum: signal.Signals) -> None:
     async with FuncBackend(paced_download) as backend, LbProcess(
         lb_env(backend.port, LB_DRAIN_TIMEOUT="8")
@@ -101,6 +102,43 @@ async def test_drain_deadline_closes_what_is_left() -> None:
             await close(writer)
             assert await lb.wait() == 0
     assert "closing 1 connections still open at the drain deadline" in lb.output()
+
+
+BIG = 64 << 20  # more than every buffer on the way (kernel's and the balancer's) holds
+
+
+async def send_big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        writer.write(b"x" * BIG)
+        await writer.drain()
+        writer.write_eof()
+        await reader.read()
+
+
+@pytest.mark.parametrize(("drain", "signals"), [("0.5", 1), ("9", 2)],
+                         ids=["drain deadline", "second signal"])
+async def test_a_transfer_cut_short_by_the_stop_is_reset_not_closed(
+    drain: str, signals: int
+) -> None:
+    # The client reads nothing while the stop ends its connection, so bytes are held back:
+    # a FIN would make what it got look like the whole answer.
+    async with FuncBackend(send_big) as backend, LbProcess(
+        lb_env(backend.port, LB_DRAIN_TIMEOUT=drain)
+    ) as lb:
+        reader, writer = await connect(lb.port)
+        try:
+            first = await reader.readexactly(65536)
+            for _ in range(signals):
+                lb.signal(signal.SIGTERM)
+                async with asyncio.timeout(5):
+                    while "draining 1 connections" not in lb.output():
+                        await asyncio.sleep(0.02)
+            assert await lb.wait(timeout=10) == 0
+            got, end = await asyncio.wait_for(how_it_ends(reader), 10)
+        finally:
+            await close(writer)
+    assert len(first) + got < BIG
+    assert end == "reset"
 
 
 async def test_second_signal_exits_at_once() -> None:

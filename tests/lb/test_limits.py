@@ -18,6 +18,7 @@ from tests.lb.lbkit import (
     connect,
     eventually,
     exchange,
+    how_it_ends,
     lb_config,
     loop_name,
     read_to_end,
@@ -91,6 +92,30 @@ async def test_idle_timeout_closes_a_silent_connection(caplog: pytest.LogCapture
         await close(writer)
         await eventually(lambda: not lb.pipes)
     assert "end=idle timeout" in caplog.text
+
+
+async def test_idle_timeout_resets_a_connection_whose_client_stopped_reading() -> None:
+    """Silence because the client does not read, with bytes held back: the cut is a reset, or
+    the client would take the part it got for the whole answer."""
+    big = 64 << 20  # more than every buffer on the way holds
+
+    async def send_big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"x" * big)
+            await writer.drain()
+
+    async with FuncBackend(send_big) as backend, running_lb(
+        lb_config(backend.address, idle_timeout=0.5)
+    ) as lb:
+        reader, writer = await connect(lb.port)
+        await reader.readexactly(65536)
+        # The client stops reading: the pipe pauses, and its connection ends once the
+        # timeout's length of silence has passed.
+        await eventually(lambda: not lb.pipes, timeout=10)
+        got, end = await asyncio.wait_for(how_it_ends(reader), 10)
+        await close(writer)
+    assert 65536 + got < big
+    assert end == "reset"
 
 
 async def test_half_close_timeout_ends_a_side_that_never_finishes(

@@ -1,4 +1,4 @@
-"""The real process: SIGTERM/SIGINT drain in-flight requests, then exit; logs never show
+"""The real process: SIGTERM/SIGINT/SIGHUP drain in-flight requests, then exit; logs never show
 the password; a bad setting stops the start with the variable's name."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.services.conftest import ROOT, service_process
 from tests.services.test_database_faults import wait_for_lock_waiter
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_signal_lets_the_request_in_flight_finish(
     postgres: Any, clean_db: asyncpg.Connection, sig: signal.Signals
 ) -> None:
