@@ -8,6 +8,7 @@ shutdown itself is :meth:`lb.server.Server.shutdown`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import resource
 import signal
@@ -26,12 +27,17 @@ log = logging.getLogger("lb")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Descriptors kept for everything that is not a proxied connection (listeners, checks, logs).
 _FD_RESERVE = 64
+_FD_RESERVE_MIN = 32
 #: At most one log line per this many seconds about accept() running out of descriptors.
 _ACCEPT_ERROR_LOG_INTERVAL = 10.0
 
 
-def raise_fd_limit(config: Config) -> None:
-    """Like HAProxy: take the hard descriptor limit, and say when the cap cannot fit in it."""
+def fit_fd_limit(config: Config) -> Config:
+    """Like HAProxy: take the hard descriptor limit; and like HAProxy's maxconn derived from it,
+    lower the connection cap to what the limit holds (two descriptors per proxied connection,
+    and some for the listeners, checks and logs). Past the cap clients wait in the backlog and
+    are served as connections end; past the limit they were accepted, then dropped for want of
+    a descriptor to reach a backend with."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         try:
@@ -39,13 +45,20 @@ def raise_fd_limit(config: Config) -> None:
             soft = hard
         except (ValueError, OSError):
             pass
-    needed = 2 * config.max_connections + config.backlog + _FD_RESERVE
-    if soft != resource.RLIM_INFINITY and needed > soft:
-        log.warning(
-            "LB_MAX_CONNECTIONS=%d needs about %d descriptors but the limit is %d: "
-            "accept() may fail with EMFILE under load (the server survives it)",
-            config.max_connections, needed, soft,
-        )
+    if soft == resource.RLIM_INFINITY:
+        return config
+    # Under a small limit, still room for what is open before any client (about 16 under
+    # uvloop: the loop's own, listeners, logs) and a check per backend.
+    reserve = min(_FD_RESERVE, max(_FD_RESERVE_MIN, soft // 4))
+    fits = max(1, (soft - reserve) // 2)
+    if config.max_connections <= fits:
+        return config
+    log.warning(
+        "LB_MAX_CONNECTIONS=%d needs about %d descriptors but the limit (ulimit -n) is %d: "
+        "serving at most %d connections at once; raise the limit for more",
+        config.max_connections, 2 * config.max_connections + reserve, soft, fits,
+    )
+    return dataclasses.replace(config, max_connections=fits)
 
 
 class _AcceptErrorFilter:
@@ -104,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stdout,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    raise_fd_limit(config)
+    config = fit_fd_limit(config)
     log.info("varstack-lb starting on the %s loop: %s", loop_name(factory), config)
     factory = apply_io_uring(factory, config.io_uring, variable="LB_IO_URING", log=log)
     return run(serve(config), factory=factory, address=host_port(config.host, config.port), log=log)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from typing import Literal
 
+from common.net import OUT_OF_RESOURCES
 from lb.backends import Backend, BackendPool, describe_error
 from lb.periodic import Periodic
 
@@ -46,6 +47,8 @@ class HealthChecker(Periodic):
         backends = list(self.pool.backends)
         # One backend's check going wrong in a way not foreseen fails that check, not the round.
         outcomes = await asyncio.gather(*(self.check(b) for b in backends), return_exceptions=True)
+        unjudged = []
+        passed: bool | None
         for backend, outcome in zip(backends, outcomes, strict=True):
             if isinstance(outcome, asyncio.CancelledError):
                 task = asyncio.current_task()
@@ -55,13 +58,19 @@ class HealthChecker(Periodic):
                 passed, detail = False, f"check error: {type(outcome).__name__}: {outcome}"
             else:
                 passed, detail = outcome
-            if passed:
+            if passed is None:
+                unjudged.append(f"{backend.address} ({detail})")
+            elif passed:
                 self.pool.check_passed(backend, detail)
             else:
                 self.pool.check_failed(backend, detail)
+        if unjudged:
+            log.warning("health checks not judged, this balancer is out of resources: %s",
+                        ", ".join(unjudged))
 
-    async def check(self, backend: Backend) -> tuple[bool, str]:
-        """Probe one backend: (passed, what was seen)."""
+    async def check(self, backend: Backend) -> tuple[bool | None, str]:
+        """Probe one backend: (passed, what was seen); passed is None when the check could
+        not be made here (no descriptor or memory for its socket): no verdict on the backend."""
         try:
             async with asyncio.timeout(self.timeout):
                 if self.mode == "tcp":
@@ -70,7 +79,7 @@ class HealthChecker(Periodic):
         except TimeoutError:
             return False, "timeout"
         except OSError as exc:
-            return False, describe_error(exc)
+            return None if exc.errno in OUT_OF_RESOURCES else False, describe_error(exc)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -197,12 +197,25 @@ async def test_half_closed_connection_with_traffic_is_not_cut() -> None:
         assert await exchange(lb.port, b"go") == b"".join(b"%d," % i for i in range(20))
 
 
+async def served_again(port: int) -> None:
+    """Once descriptors are free again, a new client is served (the first few may still meet
+    the shortage: under uvloop, accepted and closed at once)."""
+    async with asyncio.timeout(10):
+        while True:
+            with contextlib.suppress(OSError, TimeoutError):
+                if await exchange(port, b"alive", timeout=2) == b"alive":
+                    return
+            await asyncio.sleep(0.2)
+
+
 @pytest.mark.slow
 async def test_out_of_descriptors_at_accept_neither_kills_nor_spins() -> None:
     """EMFILE at accept: the balancer survives, does not burn CPU, and serves once fds free up.
 
     The loops differ: the default loop leaves clients in the backlog and retries accept() a
     second later; uvloop (libuv) accepts and closes them at once.  Both must keep serving.
+    The limit is lowered under the running balancer (``prlimit``): one it started with would
+    have lowered its connection cap to fit, and accept() would not run out.
     """
     async with EchoBackend() as echo:
         env = {
@@ -215,7 +228,8 @@ async def test_out_of_descriptors_at_accept_neither_kills_nor_spins() -> None:
             "LB_MAX_CONNECTIONS": "1000",
             "LB_LOOP": loop_name(),
         }
-        async with LbProcess(env, nofile=48) as lb:
+        async with LbProcess(env) as lb:
+            psutil.Process(lb.pid).rlimit(psutil.RLIMIT_NOFILE, (48, 48))
             clients = []
             # Far more than 48 descriptors' worth of pipes, arriving over 3 s: each client
             # that finds no descriptor starts a retry, and retries out of step with each other
@@ -241,18 +255,62 @@ async def test_out_of_descriptors_at_accept_neither_kills_nor_spins() -> None:
             assert lb.proc.returncode is None
             for _, writer in clients:
                 writer.transport.abort()
-            # Once descriptors are free again, new clients are served.
-            async with asyncio.timeout(10):
-                while True:
-                    with contextlib.suppress(OSError, TimeoutError):
-                        if await exchange(lb.port, b"alive", timeout=2) == b"alive":
-                            break
-                    await asyncio.sleep(0.2)
+            await served_again(lb.port)
             lb.signal(signal.SIGTERM)
             assert await lb.wait() == 0
             assert not [line for line in lb.lines if "Traceback" in line], "\n".join(lb.lines)
         if loop_name() == "asyncio":
             assert "accept() failed: [Errno 24]" in lb.output()
+
+
+async def test_health_checks_the_balancer_cannot_make_judge_no_backend() -> None:
+    """Out of descriptors itself, the balancer cannot open a check's socket: that says
+    nothing of the backend, which must not be taken down for it."""
+    async with EchoBackend() as echo:
+        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
+               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "0.05",
+               "LB_CHECK_FALL": "2", "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
+        async with LbProcess(env) as lb:
+            # Lowered under the running balancer, so its cap (fitted at start) does not hold.
+            psutil.Process(lb.pid).rlimit(psutil.RLIMIT_NOFILE, (48, 48))
+            clients = []
+            for _ in range(30):
+                with contextlib.suppress(OSError, TimeoutError):
+                    clients.append(await asyncio.wait_for(connect(lb.port), 2))
+            async with asyncio.timeout(10):
+                while lb.output().count("health checks not judged") < 3:
+                    await asyncio.sleep(0.05)
+            for _, writer in clients:
+                writer.transport.abort()
+            await served_again(lb.port)
+            lb.signal(signal.SIGTERM)
+            assert await lb.wait() == 0
+        assert "is DOWN" not in lb.output()
+        assert "this balancer is out of resources: 127.0.0.1:" in lb.output()
+
+
+async def test_a_descriptor_limit_lowers_the_cap_and_waiting_clients_are_served_later() -> None:
+    """Under ``ulimit -n 64`` a cap of 1000 cannot hold: it is lowered to fit, so clients past
+    it wait in the backlog and are served as others leave, instead of being accepted and then
+    dropped for want of a descriptor to reach a backend with."""
+    async with EchoBackend() as echo:
+        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
+               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "60",
+               "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
+        async with LbProcess(env, nofile=64) as lb:
+            assert "serving at most 16 connections at once" in lb.output()
+            clients = [await connect(lb.port) for _ in range(40)]
+            for _, writer in clients:
+                writer.write(b"ping")
+            # In waves of the cap: each wave is served while the rest wait, none is dropped.
+            for wave in range(0, 40, 16):
+                for reader, _ in clients[wave:wave + 16]:
+                    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                for _, writer in clients[wave:wave + 16]:
+                    await close(writer)
+            lb.signal(signal.SIGTERM)
+            assert await lb.wait() == 0
+        assert "no backend accepted" not in lb.output()
 
 
 def test_an_accept_retry_for_a_listener_closed_meanwhile_is_dropped() -> None:
