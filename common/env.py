@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from common.net import host_name_problem
+
+T = TypeVar("T", int, float)
 
 
 class ConfigError(ValueError):
@@ -28,10 +31,22 @@ class Setting:
     help: str
 
 
+def ascii_number(kind: Callable[[str], T]) -> Callable[[str], T]:
+    """``int`` or ``float`` on ASCII text only: Python's own take Arabic-Indic or fullwidth
+    digits (``LB_PORT`` in them read as 3000), which a user did not mean to type."""
+
+    def parse(text: str) -> T:
+        if not text.isascii():
+            raise ValueError(f"not ASCII: {text!r}")
+        return kind(text)
+
+    return parse
+
+
 def integer(lo: int, hi: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
-            value = int(raw.strip())
+            value = ascii_number(int)(raw.strip())
         except ValueError:
             raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
         if not lo <= value <= hi:
@@ -44,7 +59,7 @@ def integer(lo: int, hi: int) -> Callable[[str, str], int]:
 def seconds(lo: float, hi: float) -> Callable[[str, str], float]:
     def parse(name: str, raw: str) -> float:
         try:
-            value = float(raw.strip())
+            value = ascii_number(float)(raw.strip())
         except ValueError:
             raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
         if not math.isfinite(value) or not lo <= value <= hi:

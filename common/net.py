@@ -6,6 +6,7 @@ import asyncio
 import errno
 import ipaddress
 import os
+import re
 import socket
 from typing import Final
 
@@ -47,6 +48,11 @@ def listening_socket(host: str, port: int, *, backlog: int) -> socket.socket:
     return sock
 
 
+#: Letters, digits, hyphens and dots once IDNA-encoded, and underscores, which DNS and
+#: /etc/hosts hold in practice (service names such as ``my_db``).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def is_ip_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -59,15 +65,18 @@ def host_name_problem(host: str) -> str | None:
     """Why ``host`` can be neither an IP address nor looked up as a name; None if it can.
 
     The resolver encodes a name with IDNA first, and a name it cannot encode (an empty
-    label as in ``a..b``, a label over 63 characters) would fail every lookup the same way.
+    label as in ``a..b``, a label over 63 characters) would fail every lookup the same way;
+    so would one with a character no host name holds (a space, a slash), once encoded.
     """
     if not host:
         return "must not be empty"
     if is_ip_address(host):
         return None
     try:
-        host.encode("idna")
+        encoded = host.encode("idna").decode("ascii")
     except UnicodeError:
+        return f"{host!r} is not a valid host name"
+    if not _HOST_NAME.fullmatch(encoded):
         return f"{host!r} is not a valid host name"
     return None
 

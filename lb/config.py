@@ -24,6 +24,7 @@ import common.env
 
 # ConfigError is re-exported: callers catch lb.config.ConfigError.
 from common.env import ConfigError as ConfigError
+from common.env import ascii_number
 from common.loops import IO_URING, LOOPS
 from common.net import host_name_problem, host_port
 
@@ -243,11 +244,14 @@ def parse_backends(text: str) -> tuple[tuple[str, int], ...]:
                 sep = ""  # a bare IPv6 address is ambiguous; ask for brackets
         if not sep or not host:
             raise ValueError(f"{item!r} is not host:port ([v6]:port for IPv6)")
-        port = int(port_text) if port_text.isdigit() else -1
+        port = int(port_text) if port_text.isascii() and port_text.isdigit() else -1
         if not 0 < port < 65536:
             raise ValueError(f"{item!r} has no valid port")
         if (host, port) not in result:
             result.append((host, port))
+    if not result and text.strip():
+        raise ValueError(f"{text!r} names no backend: list host:port entries, or leave it "
+                         "empty to find the backends through LB_BACKEND_HOST")
     return tuple(result)
 
 
@@ -301,8 +305,8 @@ def _as_str(attr: str, text: str) -> str:
     return text
 
 
-_int = _typed(int, "an integer")
-_float = _typed(float, "a number")
+_int = _typed(ascii_number(int), "an integer")
+_float = _typed(ascii_number(float), "a number")
 
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "host": _as_str,

@@ -60,6 +60,15 @@ def test_env_is_read_and_flags_win() -> None:
         ({"LB_BACKENDS": "10.0.0.1"}, "LB_BACKENDS: '10.0.0.1' is not host:port"),
         ({"LB_BACKENDS": "a:0"}, "LB_BACKENDS: 'a:0' has no valid port"),
         ({"LB_BACKENDS": "a..b:5000"}, "LB_BACKENDS: host 'a..b' is not a valid host name in"),
+        # A stray space made a backend that could never resolve, and the balancer ran without.
+        ({"LB_BACKENDS": "127.0.0.1 :5000"}, "LB_BACKENDS: host '127.0.0.1 ' is not a valid"),
+        ({"LB_BACKENDS": "a b:1"}, "LB_BACKENDS: host 'a b' is not a valid host name"),
+        # Only commas: it fell back to discovering the name `backend`, silently.
+        ({"LB_BACKENDS": ","}, "LB_BACKENDS: ',' names no backend"),
+        ({"LB_BACKENDS": " , ,"}, "LB_BACKENDS: ', ,' names no backend: list host:port entries"),
+        ({"LB_PORT": "\u0663\u0660\u0660\u0660"}, "LB_PORT: must be an integer"),
+        ({"LB_BACKENDS": "127.0.0.1:\uff15\uff10\uff10\uff10"}, "LB_BACKENDS: '127.0.0.1:"),
+        ({"LB_CHECK_TIMEOUT": "\uff11"}, "LB_CHECK_TIMEOUT: must be a number"),
         ({"LB_BACKEND_HOST": "x" * 64 + ".svc"}, "LB_BACKEND_HOST: 'xxxx"),
         ({"LB_CHECK_MODE": "udp"}, "LB_CHECK_MODE: must be one of http, tcp"),
         ({"LB_CHECK_PATH": "healthcheck"}, "LB_CHECK_PATH: must be a path"),

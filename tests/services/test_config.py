@@ -55,12 +55,27 @@ def test_error_names_the_variable() -> None:
         load_config({"SERVICE_MAX_KEY_BYTES": "4000"})
 
 
-@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example", " "])
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example", " ", "db host", "db/1",
+                                  "db:5432"])
 def test_a_database_host_no_resolver_could_look_up_is_refused_naming_it(host: str) -> None:
     with pytest.raises(ConfigError, match=r"^PGSQL_HOST (must not be empty|'.*' is not a valid)"):
         load_config({"PGSQL_HOST": host})
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        # Python's int() and float() read these as 5001 and 2: no user meant them.
+        ({"SERVICE_PORT": "\uff15\uff10\uff10\uff11"}, "SERVICE_PORT must be a whole number"),
+        ({"SERVICE_PORT": "\u0665\u0660\u0660\u0661"}, "SERVICE_PORT must be a whole number"),
+        ({"SERVICE_HEALTH_TIMEOUT": "\uff12"}, "SERVICE_HEALTH_TIMEOUT must be a number of seconds"),
+    ],
+)
+def test_numbers_in_other_scripts_digits_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(env)
+
+
 def test_a_database_host_may_be_an_address_or_a_socket_directory() -> None:
-    for host in ("10.0.0.7", "::1", "/var/run/postgresql", "db.example"):
+    for host in ("10.0.0.7", "::1", "/var/run/postgresql", "db.example", "my_db", "bücher.example"):
         assert load_config({"PGSQL_HOST": host}).pg_host == host
