@@ -53,6 +53,18 @@ def listening_socket(host: str, port: int, *, backlog: int) -> socket.socket:
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
+def is_local_address(host: str) -> bool:
+    """Whether the IP address ``host`` is one of this machine's: a socket can bind to it."""
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, 0, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind(sockaddr)
+    except OSError:
+        return False
+    return True
+
+
 def is_ip_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)

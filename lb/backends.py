@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from common.net import host_port
 
@@ -75,6 +75,9 @@ class BackendPool:
         self.retired_failed_connects = 0
         self.retired_bytes_to_backend = 0
         self.retired_bytes_to_client = 0
+        #: Whether an address is the balancer's own listening one (set once it listens).
+        self.is_own_address: Callable[[str, int], bool] = lambda host, port: False
+        self._own_reported: set[tuple[str, int]] = set()
 
     def __len__(self) -> int:
         return len(self.backends)
@@ -121,6 +124,13 @@ class BackendPool:
         added: list[Backend] = []
         for address in addresses:
             if address in by_address:
+                continue
+            if self.is_own_address(*address):
+                if address not in self._own_reported:
+                    self._own_reported.add(address)
+                    log.error("backend %s is this balancer's own listening address: left out "
+                              "(every connection to it would loop back until the cap is full)",
+                              host_port(*address))
                 continue
             backend = known.pop(address, None)
             if backend is None:

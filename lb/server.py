@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from common.net import ListenError, host_port, is_ip_address, listening_socket
+from common.net import (
+    ListenError,
+    host_port,
+    is_ip_address,
+    is_local_address,
+    listening_socket,
+)
 from lb.backends import BackendPool
 from lb.config import Config
 from lb.discovery import DnsDiscovery, NamedBackends, Resolver
@@ -107,6 +115,7 @@ class Server:
             buffer_size=config.buffer_size,
         )
         self._sock = listening_socket(config.host, config.port, backlog=config.backlog)
+        self.pool.is_own_address = own_address_check(self._sock)
         try:
             if self.discovery is None:
                 self.pool.update(config.backends)
@@ -358,3 +367,32 @@ class Server:
                 "stopping": self._stopping,
             },
         }
+
+
+def own_address_check(sock: socket.socket) -> Callable[[str, int], bool]:
+    """Whether a backend address is where ``sock`` listens: its own address and port, or, on a
+    wildcard address, any of this machine's on that port."""
+    own_host, own_port = sock.getsockname()[:2]
+    own_ip = ipaddress.ip_address(own_host)
+    local: dict[str, bool] = {}
+
+    def is_own(host: str, port: int) -> bool:
+        if port != own_port:
+            return False
+        ip = ipaddress.ip_address(host.partition("%")[0])
+        if not own_ip.is_unspecified:
+            return _unmapped(ip) == _unmapped(own_ip)
+        if host not in local:
+            local[host] = is_local_address(host)
+        return local[host]
+
+    return is_own
+
+
+def _unmapped(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``::ffff:127.0.0.1`` as ``127.0.0.1``: a dual-stack socket takes IPv4 clients so."""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return mapped or ip
+

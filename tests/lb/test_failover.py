@@ -230,3 +230,27 @@ async def test_no_replay_once_bytes_were_relayed() -> None:
             await close(writer)
             assert seen == [b"POST /once"]
             assert echo.eofs == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("listen_host", ["127.0.0.1", "0.0.0.0"])
+async def test_the_balancer_s_own_address_is_never_a_backend(
+    listen_host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend listed at the balancer's own address (or, listening on every address, at any
+    of this machine's on its port) connected to itself until the cap was full: left out."""
+    port = free_port()
+    async with EchoBackend() as echo, running_lb(
+        lb_config(("127.0.0.1", port), echo.address, host=listen_host, port=port)
+    ) as lb:
+        assert [b.address for b in lb.pool.backends] == [f"127.0.0.1:{echo.port}"]
+        for _ in range(3):
+            assert await exchange(port, b"once") == b"once"
+        assert len(lb.pipes) <= 1
+    assert (f"backend 127.0.0.1:{port} is this balancer's own listening address: left out"
+            in caplog.text)
