@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Final, cast
 
-from common.net import OUT_OF_RESOURCES
+from common.net import OUT_OF_RESOURCES, host_port
 from lb.backends import Backend, BackendPool, describe_error
 
 log = logging.getLogger("lb.pipe")
@@ -588,4 +588,4 @@ def _linger_reset(transport: asyncio.Transport) -> None:
 
 def _address(transport: asyncio.BaseTransport | None) -> str:
     peer = transport.get_extra_info("peername") if transport is not None else None
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+    return host_port(peer[0], peer[1]) if isinstance(peer, tuple) else "?"
