@@ -11,16 +11,54 @@ import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from common.web import HandlerRunner
 
 if TYPE_CHECKING:
     from lb.server import Server
 
 _PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 _REFRESH_SECONDS = 2
+#: Seconds a connection to the admin listener may take to send a whole request head, and may
+#: stay idle between requests. aiohttp waits for a first request for ever, so connections
+#: that send nothing, or a header line now and then, piled up on the descriptors the
+#: balancer shares with its clients.
+REQUEST_TIMEOUT = 10.0
+
+
+class _RequestHandler(web_protocol.RequestHandler):
+    """aiohttp's, with a deadline for each request head and each idle spell."""
+
+    __slots__ = ("_deadline",)
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._deadline = self._loop.call_later(REQUEST_TIMEOUT, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        if self._request_in_progress:  # an answer is being made: its end restarts the clock
+            return
+        self.force_close()
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        result = await super().finish_response(request, resp, start_time)
+        self._deadline.cancel()
+        self._deadline = self._loop.call_later(REQUEST_TIMEOUT, self._deadline_passed)
+        return result
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+
+class _Runner(HandlerRunner):
+    handler_class = _RequestHandler
 
 
 class Admin:
@@ -39,7 +77,7 @@ class Admin:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on ``host:port`` (port 0: any free port, see :attr:`port`)."""
-        self._runner = web.AppRunner(
+        self._runner = _Runner(
             self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await self._runner.setup()

@@ -23,6 +23,8 @@ from typing import Any
 from aiohttp import StreamReader, web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
 
+from common.web import HandlerRunner
+
 #: Loop steps a connection may spend between aiohttp's states before the EOF closes it anyway
 #: (a request moving from its parse to its handler takes one or two).
 _MAX_LOOKS = 100
@@ -97,15 +99,7 @@ class RequestHandler(web_protocol.RequestHandler):
             self.force_close()
 
 
-class Server(web.Server):
-    def __call__(self) -> web_protocol.RequestHandler:
-        return RequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class AppRunner(web.AppRunner):
+class AppRunner(HandlerRunner):
     """``web.AppRunner`` whose connections are served by this module's ``RequestHandler``."""
 
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = Server  # same object, same state: only __call__ differs
-        return server
+    handler_class = RequestHandler

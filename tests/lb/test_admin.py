@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import lb.admin
 from chaos.system import free_port_run
 from lb.admin import Admin
 from tests.lb.lbkit import (
@@ -125,3 +130,43 @@ def test_an_admin_port_in_use_is_named_as_the_admin_listener_s() -> None:
     assert result.returncode == 1, result.stdout + result.stderr
     assert (f"cannot serve on {HOST}:{admin_port} (the admin listener: LB_ADMIN_HOST, "
             "LB_ADMIN_PORT): [Errno 98] Address already in use") in result.stdout
+
+
+async def test_connections_that_send_no_whole_request_are_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp waits for a first request for ever: an admin connection sending nothing, or a
+    header line now and then, is closed after ``REQUEST_TIMEOUT``; a prompt client is served,
+    keep-alive included."""
+    monkeypatch.setattr(lb.admin, "REQUEST_TIMEOUT", 0.5)
+    async with EchoBackend() as echo, running_lb(lb_config(echo.address)) as lb_server:
+        admin = Admin(lb_server)
+        await admin.start(HOST, 0)
+        try:
+            silent_reader, silent_writer = await asyncio.open_connection(HOST, admin.port)
+            slow_reader, slow_writer = await asyncio.open_connection(HOST, admin.port)
+            slow_writer.write(b"GET /stats HTTP/1.1\r\n")
+
+            async def trickle() -> None:
+                with contextlib.suppress(ConnectionError):
+                    for i in range(100):
+                        slow_writer.write(b"X-Slow-%d: 1\r\n" % i)
+                        await slow_writer.drain()
+                        await asyncio.sleep(0.1)
+
+            trickling = asyncio.create_task(trickle())
+            reader, writer = await asyncio.open_connection(HOST, admin.port)
+            for _ in range(2):  # keep-alive: two requests on one connection, each answered
+                writer.write(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))  # type: ignore[union-attr]
+                await reader.readexactly(length)
+            assert await asyncio.wait_for(silent_reader.read(), 5) == b""
+            assert await asyncio.wait_for(slow_reader.read(), 5) == b""
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # idle after its answers
+            trickling.cancel()
+            for w in (silent_writer, slow_writer, writer):
+                w.close()
+        finally:
+            await admin.stop()
