@@ -56,8 +56,7 @@ async def serve(config: StackConfig) -> int:
             await starting
         except asyncio.CancelledError:
             return 0
-        except StackError as exc:
-            stack.log(f"error: {exc}")
+        except StackError:  # start() said why, then stopped what it had started
             return 1
         for line in stack.banner():
             stack.log(line)

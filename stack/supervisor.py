@@ -193,11 +193,16 @@ class Stack:
                 await self._start_replicas(pg_env)
                 await self._start_balancer()
         except TimeoutError:
-            await self.stop()
-            raise StackError(
+            error = StackError(
                 f"the stack did not answer through {self.url} within "
-                f"{self.config.ready_timeout:g}s (STACK_READY_TIMEOUT); see the logs above"
-            ) from None
+                f"{self.config.ready_timeout:g}s (STACK_READY_TIMEOUT); see the logs above")
+            self.log(f"error: {error}")  # before the stop's own lines, which follow from it
+            await self.stop()
+            raise error from None
+        except StackError as exc:
+            self.log(f"error: {exc}")
+            await self.stop()
+            raise
         except BaseException:
             await self.stop()
             raise

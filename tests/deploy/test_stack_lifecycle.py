@@ -261,6 +261,8 @@ def test_two_stacks_on_one_data_directory_the_second_is_refused_naming_the_first
         assert loser.proc.returncode == 1, loser.log()
         assert (f"STACK_DATA_DIR {pgdata.parent} is in use by another stack "
                 f"(pid {winner.proc.pid})") in loser.log()
+        # The reason first, then the stop it causes.
+        assert loser.log().index("is in use by another stack") < loser.log().index("stopped")
         winner.wait_for(READY, timeout=90)
         winner.proc.send_signal(signal.SIGTERM)
         assert winner.proc.wait(60) == 0, winner.log()
