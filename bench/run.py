@@ -692,6 +692,16 @@ def _git() -> str:
     return f"{head}" + (f" + {dirty} modified files" if dirty else "")
 
 
+def free_stem(out: Path, stem: str) -> str:
+    """``stem``, or ``stem-2``, ``stem-3``, ...: a second run on one day keeps the first's
+    report and raw run (the README may quote them)."""
+    candidate, n = stem, 1
+    while (out / f"{candidate}.md").exists() or (out / "raw" / f"{candidate}.json").exists():
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
 def write_outputs(results: Results, out: Path, stem: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pngs = plots.write_all(results, out, stem)
@@ -763,11 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         procs.stop_all()
     results.meta["duration_s"] = round(time.monotonic() - clock)
     opts.out.mkdir(parents=True, exist_ok=True)
-    stem = started.strftime("%Y-%m-%d") + ("-quick" if opts.quick else "")
-    if opts.target:
-        stem += "-target"
     raw_dir = opts.out / "raw"
     raw_dir.mkdir(exist_ok=True)
+    stem = free_stem(opts.out, started.strftime("%Y-%m-%d") + ("-quick" if opts.quick else "")
+                     + ("-target" if opts.target else ""))
     (raw_dir / f"{stem}.json").write_text(json.dumps(results.to_json(), indent=1))
     write_outputs(results, opts.out, stem)
     return 0

@@ -150,3 +150,13 @@ def test_replot_of_a_file_that_is_not_a_raw_run_is_named(
     )
     assert not (tmp_path / "out").exists()
 
+
+
+def test_a_second_run_on_one_day_keeps_the_first_s_report(tmp_path: Path) -> None:
+    assert run.free_stem(tmp_path, "2026-11-28") == "2026-11-28"
+    (tmp_path / "2026-11-28.md").write_text("first run")
+    assert run.free_stem(tmp_path, "2026-11-28") == "2026-11-28-2"
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "2026-11-28-2.json").write_text("{}")  # a raw run alone counts too
+    assert run.free_stem(tmp_path, "2026-11-28") == "2026-11-28-3"
+    assert run.free_stem(tmp_path, "2026-11-28-quick") == "2026-11-28-quick"
