@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import signal
 
 import psutil
@@ -271,22 +273,35 @@ async def test_health_checks_the_balancer_cannot_make_judge_no_backend() -> None
                "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "0.05",
                "LB_CHECK_FALL": "2", "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
         async with LbProcess(env) as lb:
-            # Lowered under the running balancer, so its cap (fitted at start) does not hold.
-            psutil.Process(lb.pid).rlimit(psutil.RLIMIT_NOFILE, (48, 48))
-            clients = []
-            for _ in range(30):
-                with contextlib.suppress(OSError, TimeoutError):
-                    clients.append(await asyncio.wait_for(connect(lb.port), 2))
-            async with asyncio.timeout(10):
-                while lb.output().count("health checks not judged") < 3:
-                    await asyncio.sleep(0.05)
-            for _, writer in clients:
-                writer.transport.abort()
+            process = psutil.Process(lb.pid)
+            limits = process.rlimit(psutil.RLIMIT_NOFILE)
+            # A new descriptor takes the lowest free number and fails when that number reaches
+            # the limit: a limit at the lowest free number leaves none, whatever the count is.
+            # A check's socket lives for a moment only, so the least of a few looks is the
+            # number the balancer has free between checks.
+            lowest_free = _lowest_free_fd(lb.pid)
+            for _ in range(6):
+                await asyncio.sleep(0.013)
+                lowest_free = min(lowest_free, _lowest_free_fd(lb.pid))
+            process.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, limits[1]))
+            try:
+                async with asyncio.timeout(10):
+                    while lb.output().count("health checks not judged") < 3:
+                        await asyncio.sleep(0.05)
+            finally:
+                process.rlimit(psutil.RLIMIT_NOFILE, limits)
             await served_again(lb.port)
             lb.signal(signal.SIGTERM)
             assert await lb.wait() == 0
         assert "is DOWN" not in lb.output()
         assert "this balancer is out of resources: 127.0.0.1:" in lb.output()
+
+
+def _lowest_free_fd(pid: int) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        used = {int(name) for name in os.listdir(f"/proc/{pid}/fd")}
+        return next(number for number in itertools.count() if number not in used)
+    raise AssertionError(f"process {pid} is gone")
 
 
 async def test_a_descriptor_limit_lowers_the_cap_and_waiting_clients_are_served_later() -> None:
