@@ -407,8 +407,8 @@ class Pipe(asyncio.Protocol):
         """The balancer ends the connection on its own (a timeout, the drain deadline). A FIN
         would tell each peer that the other's stream ended there, so when bytes are in flight
         (held in a buffer here, held back from a peer that does not read, or moving since the
-        last tick) the peers get an RST: a cut-short answer never looks whole. A quiet
-        connection is closed."""
+        last tick or :meth:`forget_activity`) the peers get an RST: a cut-short answer never
+        looks whole. A quiet connection is closed."""
         in_flight = (self._active or self._client_full or self._upstream_full or any(
             t.get_write_buffer_size() for t in (self.client, self.upstream) if t is not None))
         self._abort(why, reset=in_flight)
@@ -432,6 +432,10 @@ class Pipe(asyncio.Protocol):
     def shutdown(self, why: str) -> None:
         """The server is stopping and cannot wait any longer for this connection."""
         self._cut(why)
+
+    def forget_activity(self) -> None:
+        """Start a new look at whether bytes move, which :meth:`shutdown` then asks."""
+        self._active = False
 
     def _maybe_done(self) -> None:
         if self._done or self.client_open or self.upstream_open or self._connector is not None:

@@ -22,7 +22,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from common.net import (
     ListenError,
@@ -38,6 +38,10 @@ from lb.health import HealthChecker
 from lb.pipe import Pipe, Relay
 
 log = logging.getLogger("lb.server")
+
+#: Seconds the drain deadline watches the connections it is about to end: those that move bytes
+#: meanwhile are reset (a cut-short answer must not look whole), the quiet ones get a FIN.
+LAST_LOOK: Final = 0.1
 
 
 class Server:
@@ -201,10 +205,18 @@ class Server:
                 await self._wait_idle(deadline)
             # 4. ...then the rest are closed.
             if self.pipes:
-                log.warning("closing %d connections still open at the drain deadline",
-                            len(self.pipes))
+                forced = self._force.is_set()
+                if not forced:
+                    log.warning("closing %d connections still open at the drain deadline",
+                                len(self.pipes))
+                # A last look, so that "bytes moving" means now: a keep-alive connection
+                # answered a while ago is quiet and gets a FIN, not an RST.
+                for pipe in self.pipes:
+                    pipe.forget_activity()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), LAST_LOOK)
                 for pipe in list(self.pipes):
-                    pipe.shutdown("drain deadline")
+                    pipe.shutdown("second signal" if forced else "drain deadline")
                 self._idle.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
