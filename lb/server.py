@@ -383,22 +383,33 @@ class Server:
 
 def own_address_check(sock: socket.socket) -> Callable[[str, int], bool]:
     """Whether a backend address is where ``sock`` listens: its own address and port, or, on a
-    wildcard address, any of this machine's on that port."""
+    wildcard address, any of this machine's on that port (of the families it takes)."""
     own_host, own_port = sock.getsockname()[:2]
-    own_ip = ipaddress.ip_address(own_host)
+    own_ip = _unmapped(ipaddress.ip_address(own_host.partition("%")[0]))
+    takes_ipv4 = own_ip.version == 4 or (
+        own_ip.is_unspecified
+        and not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
     local: dict[str, bool] = {}
 
     def is_own(host: str, port: int) -> bool:
         if port != own_port:
             return False
-        ip = ipaddress.ip_address(host.partition("%")[0])
+        ip = _unmapped(ipaddress.ip_address(host.partition("%")[0]))
+        if ip.is_unspecified:  # a connect to 0.0.0.0 or :: reaches this machine's loopback
+            ip = _LOOPBACK[ip.version]
         if not own_ip.is_unspecified:
-            return _unmapped(ip) == _unmapped(own_ip)
-        if host not in local:
-            local[host] = is_local_address(host)
-        return local[host]
+            return ip == own_ip
+        if ip.version != own_ip.version and not (ip.version == 4 and takes_ipv4):
+            return False
+        address = str(ip)
+        if address not in local:
+            local[address] = is_local_address(address)
+        return local[address]
 
     return is_own
+
+
+_LOOPBACK: Final = {4: ipaddress.ip_address("127.0.0.1"), 6: ipaddress.ip_address("::1")}
 
 
 def _unmapped(

@@ -7,6 +7,8 @@ import socket
 
 import pytest
 
+from common.net import listening_socket
+from lb.server import own_address_check
 from tests.lb.lbkit import (
     Blackhole,
     EchoBackend,
@@ -254,3 +256,22 @@ async def test_the_balancer_s_own_address_is_never_a_backend(
         assert len(lb.pipes) <= 1
     assert (f"backend 127.0.0.1:{port} is this balancer's own listening address: left out"
             in caplog.text)
+
+
+@pytest.mark.parametrize(("listen_host", "own", "not_own"), [
+    ("127.0.0.1", ["127.0.0.1", "0.0.0.0", "::ffff:127.0.0.1"], ["127.0.0.2", "::1", "::"]),
+    ("0.0.0.0", ["127.0.0.1", "127.0.0.2", "0.0.0.0"], ["::1", "::", "192.0.2.1"]),
+    ("::", ["::1", "::", "127.0.0.1", "0.0.0.0"], ["192.0.2.1", "2001:db8::1"]),
+    ("::1", ["::1", "::"], ["127.0.0.1", "0.0.0.0"]),
+])
+def test_which_backend_addresses_are_the_balancer_s_own(
+    listen_host: str, own: list[str], not_own: list[str]
+) -> None:
+    """A connect to an unspecified address reaches loopback, so 0.0.0.0 on the balancer's port
+    loops too; an IPv6 listener of one family does not take the other's clients."""
+    with listening_socket(listen_host, 0, backlog=1) as sock:
+        port = sock.getsockname()[1]
+        is_own = own_address_check(sock)
+        assert [host for host in own if not is_own(host, port)] == []
+        assert [host for host in not_own if is_own(host, port)] == []
+        assert not is_own(own[0], port + 1 if port < 65535 else port - 1)
