@@ -18,13 +18,13 @@ from typing import Any
 
 from common.loops import apply_io_uring, loop_factory, loop_name, run
 from common.net import host_port
+from common.signals import stop_signals
 from lb.config import Config, ConfigError
 from lb.server import Server
 
 log = logging.getLogger("lb")
 
 #: A container's stop, Ctrl-C, and the terminal closing: each starts the drain.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: Descriptors kept for everything that is not a proxied connection (listeners, checks, logs).
 _FD_RESERVE = 64
 _FD_RESERVE_MIN = 32
@@ -96,12 +96,13 @@ async def serve(config: Config) -> None:
             log.info("%s: draining", signal.Signals(signum).name)
             stop.set()
 
-    for signum in STOP_SIGNALS:
+    signals = stop_signals()
+    for signum in signals:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         await server.serve(stop)
     finally:
-        for signum in STOP_SIGNALS:
+        for signum in signals:
             loop.remove_signal_handler(signum)
 
 

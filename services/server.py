@@ -16,6 +16,7 @@ import signal
 from aiohttp import web
 
 from common.net import listening_socket
+from common.signals import stop_signals
 from services import connection
 from services.api import Lifecycle, access_logger_class, create_app
 from services.config import Config
@@ -23,7 +24,6 @@ from services.config import Config
 log = logging.getLogger("services.server")
 
 #: Ctrl-C, a container's stop, and the terminal closing: each starts the drain.
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Server:
@@ -87,7 +87,7 @@ class Server:
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in HANDLED_SIGNALS:
+        for sig in stop_signals():
             loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:

@@ -17,10 +17,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from common.signals import stop_signals
 from stack.config import ConfigError, StackConfig
 from stack.supervisor import Stack, StackError
-
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def serve(config: StackConfig) -> int:
@@ -41,7 +40,8 @@ async def serve(config: StackConfig) -> int:
             stack.log(f"{sig.name}: stopping (again to kill at once)")
             should_exit.set()
 
-    for sig in HANDLED_SIGNALS:
+    signals = stop_signals()
+    for sig in signals:
         loop.add_signal_handler(sig, handle, sig)
     stack.log(f"starting with {config.redacted()}")
     starting = asyncio.create_task(stack.start(), name="start")
@@ -66,7 +66,7 @@ async def serve(config: StackConfig) -> int:
         exiting.cancel()
         failing.cancel()
         await stack.stop()
-        for sig in HANDLED_SIGNALS:
+        for sig in signals:
             loop.remove_signal_handler(sig)
     return status
 

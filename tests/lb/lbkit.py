@@ -15,7 +15,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -473,11 +473,13 @@ async def running_lb(config: Config, **kwargs: Any) -> AsyncIterator[Server]:
 class LbProcess:
     """``python -m lb`` as a child process, with its output collected.
 
-    ``nofile`` runs it under that descriptor limit (soft and hard).
+    ``nofile`` runs it under that descriptor limit (soft and hard); ``prefix`` is a command that
+    runs it (``nohup``, say).
     """
 
     env: Mapping[str, str]
     nofile: int | None = None
+    prefix: Sequence[str] = ()
     proc: asyncio.subprocess.Process | None = None
     lines: list[str] = dataclasses.field(default_factory=list)
     port: int = 0
@@ -493,7 +495,7 @@ class LbProcess:
                     f"resource.setrlimit(resource.RLIMIT_NOFILE, ({self.nofile}, {self.nofile})); "
                     "sys.argv = ['lb']; runpy.run_module('lb', run_name='__main__')"]
         self.proc = await asyncio.create_subprocess_exec(
-            *argv, cwd=ROOT, env=env,
+            *self.prefix, *argv, cwd=ROOT, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         self._reader = asyncio.create_task(self._read())

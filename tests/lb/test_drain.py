@@ -166,3 +166,17 @@ async def test_idle_balancer_stops_at_once_and_serves_until_then() -> None:
         assert await lb.wait(timeout=5) == 0
         with contextlib.suppress(ConnectionRefusedError):
             assert await refused(lb.port)
+
+
+async def test_under_nohup_a_hangup_does_not_stop_it() -> None:
+    """``nohup`` asks that a closed terminal not stop the program: SIGHUP stays ignored."""
+    async with EchoBackend() as echo, LbProcess(lb_env(echo.port), prefix=["nohup"]) as lb:
+        lb.signal(signal.SIGHUP)
+        # The signal is handled (or not) before the loop serves this exchange.
+        assert await exchange(lb.port, b"still here") == b"still here"
+        assert lb.proc is not None
+        assert lb.proc.returncode is None
+        lb.signal(signal.SIGTERM)
+        assert await lb.wait() == 0
+    assert "SIGHUP" not in lb.output()
+    assert "SIGTERM: draining" in lb.output()
