@@ -1,4 +1,4 @@
-"""aiohttp's connection handler, amended in two ways.
+"""aiohttp's connection handler, amended in three ways.
 
 **A client that half-closes gets its answers.** A client may send its request and
 ``shutdown(SHUT_WR)`` (``nc -N``, some scripts, a proxy passing its client's half-close on).
@@ -7,6 +7,11 @@ a ``set_var`` is stored, but its answer is never sent, and the client cannot tel
 write from a lost one. Here the EOF keeps the connection open while requests the client has
 sent whole are answered, then closes it. A request whose body the EOF cut short, or an idle
 connection, is closed at once, as before.
+
+**A request in flight at the stop gets the rest of its body.** aiohttp's shutdown drops every
+byte that arrives after it began, so a request whose head came before the signal, with its body
+still on the way, waited for the shutdown deadline and was cut. Bytes are read while such a
+request is unfinished; nothing else is (no new request is started during the drain).
 
 **A request the client malformed is one log line.** aiohttp's parser answers it 400 itself
 and logs an ERROR with a traceback (a bad chunk size, a doubled ``Transfer-Encoding``): any
@@ -46,6 +51,19 @@ class RequestHandler(web_protocol.RequestHandler):
             self.logger.info(f"{message}: %s", *params, exc.message or exc)
             return
         super().log_exception(*args, **kw)
+
+    def data_received(self, data: bytes) -> None:
+        request = self._current_request
+        closing = (self._close, self._force_close)  # set by the stop, and all aiohttp looks at
+        if any(closing) and request is not None and not request.content.is_eof():
+            self._close = self._force_close = False
+            try:
+                super().data_received(data)
+            finally:
+                self._close |= closing[0]
+                self._force_close |= closing[1]
+            return
+        super().data_received(data)
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
         if self._force_close or self._close or not self._request_count:

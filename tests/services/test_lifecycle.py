@@ -96,6 +96,52 @@ async def test_second_signal_exits_at_once(
         await clean_db.execute("ROLLBACK")
 
 
+async def test_a_body_still_arriving_at_the_signal_is_read_and_answered(
+    postgres: Any, clean_db: asyncpg.Connection
+) -> None:
+    """A request whose head came before the signal is in flight: the rest of its body, sent
+    during the drain, is read (aiohttp dropped it, and the client waited for the deadline)."""
+    body = b'{"key": "late", "value": "body"}'
+    port = free_port()
+    async with service_process(postgres.env, port) as service:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"POST /set_var HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+            await writer.drain()
+            # A round trip through the server: by its end, the head above is read.
+            async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{port}/healthcheck"
+            ) as r:
+                assert r.status == 200
+            service.signal(signal.SIGTERM)
+            await wait_for_line(service.output, "shutting down")
+            writer.write(body[10:])
+            async with asyncio.timeout(10):
+                status_line = await reader.readline()
+                rest = await reader.read()
+        finally:
+            writer.close()
+        assert status_line.startswith(b"HTTP/1.1 201"), status_line + rest
+        assert await service.wait() == 0
+    assert await clean_db.fetchval("SELECT value FROM public.variables WHERE key='late'") == "body"
+
+
+async def test_under_nohup_a_hangup_does_not_stop_it(
+    postgres: Any, clean_db: asyncpg.Connection
+) -> None:
+    async with service_process(postgres.env, free_port(), prefix=["nohup"]) as service, \
+            aiohttp.ClientSession() as http:
+        service.signal(signal.SIGHUP)
+        async with http.get(f"{service.url}/healthcheck") as r:
+            assert r.status == 200
+        service.signal(signal.SIGTERM)
+        assert await service.wait() == 0
+    log = "\n".join(service.output)
+    assert "SIGHUP" not in log
+    assert "SIGTERM received" in log
+
+
 async def wait_for_line(output: list[str], text: str, timeout: float = 10) -> None:
     async with asyncio.timeout(timeout):
         while not any(text in line for line in output):
