@@ -70,6 +70,19 @@ async def run_service(config: Config, *, wait_ready: bool = True) -> AsyncIterat
         await server.shutdown()
 
 
+async def half_closed_exchange(service: RunningService, request: bytes) -> bytes:
+    """Send ``request`` as raw bytes, shut down the sending side, and read until the server
+    closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    try:
+        writer.write(request)
+        writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 10)  # returns once the server closed
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 @pytest.fixture
 async def clean_db(postgres: Any) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the session's database, with the variables table present and empty."""

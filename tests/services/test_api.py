@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.services.conftest import RunningService
+from tests.services.conftest import RunningService, half_closed_exchange
 
 JSON = {"Accept": "application/json"}
 
@@ -183,20 +183,6 @@ async def test_head_healthcheck(service: RunningService, http: aiohttp.ClientSes
 
 
 # -- a client that shuts down its sending side after its request (nc -N, a proxy passing it on)
-
-
-async def half_closed_exchange(service: RunningService, request: bytes) -> bytes:
-    """Send ``request``, shut down the sending side, and read until the server closes."""
-    import asyncio
-
-    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
-    try:
-        writer.write(request)
-        writer.write_eof()
-        return await asyncio.wait_for(reader.read(), 10)  # returns once the server closed
-    finally:
-        writer.close()
-        await writer.wait_closed()
 
 
 def set_var_request(key: str, value: str) -> bytes:
