@@ -68,6 +68,18 @@ def _bad(message: str) -> NoReturn:
     raise ClientError(400, message)
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token: ASCII only
+
+
+def _shown(name: str) -> str:
+    """A name the client gave (a coding, a JSON member name) as a message shows it: bare when
+    it is an HTTP token (``gzip``, ``key``), else as a JSON string in ASCII (``"gz\\udcffip"``,
+    ``""``). A lone surrogate (``"\\ud800"`` in JSON; a header byte that is not UTF-8, which
+    aiohttp decodes with surrogateescape) cannot be encoded as UTF-8: in a message as it is,
+    the answer fails (a 500), and so does the log line of that failure."""
+    return name if _TOKEN.fullmatch(name) else json.dumps(name)
+
+
 # -- answers -----------------------------------------------------------------
 
 
@@ -154,11 +166,12 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-def _codings(request: web.Request, header: str, plain: tuple[str, ...]) -> list[str]:
-    """The codings every ``header`` of the request names, less the ``plain`` ones."""
+def _codings(request: web.Request, header: str, plain: tuple[str, ...]) -> str:
+    """The codings every ``header`` of the request names, less the ``plain`` ones, as a
+    message names them (``gzip, deflate``); empty if none."""
     codings = (coding.strip().lower() for value in request.headers.getall(header, ())
                for coding in value.split(","))
-    return [coding for coding in codings if coding not in plain]
+    return ", ".join(_shown(coding) for coding in codings if coding not in plain)
 
 
 def _body_refusal(request: web.Request) -> ClientError | None:
@@ -168,13 +181,13 @@ def _body_refusal(request: web.Request) -> ClientError | None:
     # says so (the server does not inflate it: a 1 MB gzip bomb is 1 GB of work).
     compressed = _codings(request, hdrs.CONTENT_ENCODING, ("", "identity"))
     if compressed:
-        return ClientError(415, f"Content-Encoding {', '.join(compressed)} is not accepted; "
+        return ClientError(415, f"Content-Encoding {compressed} is not accepted; "
                            "send the body uncompressed", close=True)
     # aiohttp's parser reads the chunks of `Transfer-Encoding: gzip, chunked` and leaves the
     # gzip to the application: RFC 9112's answer to a coding a server does not do is 501.
     transfer = _codings(request, hdrs.TRANSFER_ENCODING, ("", "chunked"))
     if transfer:
-        return ClientError(501, f"Transfer-Encoding {', '.join(transfer)} is not supported; "
+        return ClientError(501, f"Transfer-Encoding {transfer} is not supported; "
                            "send the body uncompressed (chunked alone is fine)", close=True)
     if request.content_length is not None and request.content_length > max_bytes:
         return ClientError(413, f"request body is larger than {max_bytes} bytes", close=True)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
 
 import aiohttp
 import asyncpg
 import pytest
 import yarl
 
-from tests.services.conftest import RunningService
+from tests.services.conftest import RunningService, half_closed_exchange
 
 JSON_CT = {"Content-Type": "application/json"}
 
@@ -262,6 +264,52 @@ async def test_a_transfer_coding_other_than_chunked_is_501(
     assert reply.split(b" ")[1] == b"501", reply
     assert b"Transfer-Encoding gzip is not supported" in reply
     assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+
+
+def answer_of(reply: bytes) -> tuple[int, str]:
+    """The status and the message of a raw answer, plain text or ``{"error": ...}``."""
+    head, _, body = reply.partition(b"\r\n\r\n")
+    if b"\r\nContent-Type: application/json" in head:
+        return int(head.split(b" ")[1]), json.loads(body)["error"]
+    return int(head.split(b" ")[1]), body.decode("utf-8")
+
+
+def assert_logged_whole(caplog: pytest.LogCaptureFixture) -> None:
+    """No error logged, and every line the log got can be written out as UTF-8 (a lone
+    surrogate in one is a "--- Logging error ---" on the service's stdout instead)."""
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    for record in caplog.records:
+        caplog.handler.format(record).encode("utf-8")
+
+
+# aiohttp reads header bytes that are not UTF-8 as lone surrogates (surrogateescape).
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "words"),
+    [
+        (b"Content-Encoding: gz\xffip\r\nContent-Length: 2\r\n", b"{}", 415,
+         'Content-Encoding "gz\\udcffip" is not accepted; send the body uncompressed'),
+        (b"Content-Encoding: gzip, gz\xffip\r\nContent-Length: 2\r\n", b"{}", 415,
+         'Content-Encoding gzip, "gz\\udcffip" is not accepted'),
+        (b"Transfer-Encoding: gz\xffip, chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n", 501,
+         'Transfer-Encoding "gz\\udcffip" is not supported; send the body uncompressed'),
+    ],
+    ids=["content-encoding", "content-encoding list", "transfer-encoding"],
+)
+@pytest.mark.parametrize("accept", [b"text/plain", b"application/json"])
+async def test_a_coding_named_in_bytes_that_are_not_utf8_is_refused_and_quoted(
+    service: RunningService, clean_db: asyncpg.Connection, caplog: pytest.LogCaptureFixture,
+    headers: bytes, body: bytes, status: int, words: str, accept: bytes,
+) -> None:
+    caplog.set_level(logging.INFO)
+    reply = await half_closed_exchange(
+        service, b"POST /set_var HTTP/1.1\r\nHost: x\r\nAccept: " + accept + b"\r\n"
+        + headers + b"\r\n" + body)
+    got_status, message = answer_of(reply)
+    assert got_status == status, reply
+    assert words in message
+    assert b"\r\nX-Served-By: test-replica:1\r\n" in reply
+    assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+    assert_logged_whole(caplog)
 
 
 @pytest.mark.parametrize(
