@@ -157,13 +157,29 @@ _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in obj:
-            _bad(f"{name} is given more than once in the body")
-        obj[name] = value
-    return obj
+class _Objects:
+    """``json.loads``' object_pairs_hook for one body: the objects, and the first member name
+    given twice in one of them. The hook runs for the outer object last, so whether that one
+    holds the name is known only once the whole body is read."""
+
+    __slots__ = ("duplicate",)
+
+    def __init__(self) -> None:
+        self.duplicate: tuple[str, dict[str, Any]] | None = None
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for name, value in pairs:
+            if self.duplicate is None and name in obj:
+                self.duplicate = (name, obj)
+            obj[name] = value
+        return obj
+
+    def check(self, body: Any) -> None:
+        if self.duplicate is not None:
+            name, obj = self.duplicate
+            where = "the body" if obj is body else "an object nested in the body"
+            _bad(f"{_shown(name)} is given more than once in {where}")
 
 
 def _codings(request: web.Request, header: str, plain: tuple[str, ...]) -> str:
@@ -235,11 +251,10 @@ async def _body_object(request: web.Request) -> dict[str, Any]:
         text = raw.decode(encoding).removeprefix("\ufeff")
     except UnicodeDecodeError:
         _bad(f"request body is not valid {encoding.upper().removesuffix('-SIG')}")
+    objects = _Objects()
     try:
-        body = json.loads(text, object_pairs_hook=_no_duplicates, parse_int=_Number,
+        body = json.loads(text, object_pairs_hook=objects, parse_int=_Number,
                           parse_float=_Number, parse_constant=_no_constant)
-    except ClientError:
-        raise
     except (ValueError, RecursionError) as exc:
         if isinstance(exc, json.JSONDecodeError):
             # Python's own "Invalid control character at" expects the position after it.
@@ -251,6 +266,7 @@ async def _body_object(request: web.Request) -> dict[str, Any]:
         if request.content_type in _FORM_TYPES:
             why += "; form fields are not read: send JSON, or ?key=...&value=... in the URL"
         _bad(f"request body is not valid JSON ({why})")
+    objects.check(body)
     if not isinstance(body, dict):
         _bad('request body must be a JSON object, like {"key": "name", "value": "text"}')
     return body

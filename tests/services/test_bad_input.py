@@ -350,6 +350,38 @@ async def test_a_name_twice_in_the_body_is_400_like_twice_in_the_query(
     assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        # A name that is not a token is quoted as a JSON string: a lone surrogate in it
+        # cannot be written as UTF-8 (in the answer or in a log line) as it is.
+        (b'{"name":"a","value":"1","\\ud800":1,"\\ud800":2}',
+         '"\\ud800" is given more than once in the body'),
+        (b'{"key": "k", "value": "v", "": 1, "": 2}', '"" is given more than once in the body'),
+        (b'{"key": "k", "value": {"x": 1, "x": 2}}',
+         "x is given more than once in an object nested in the body"),
+        (b'{"key": "k", "value": "v", "more": [{"\\udfff": 1, "\\udfff": 2}]}',
+         '"\\udfff" is given more than once in an object nested in the body'),
+        (b'[{"key": "k", "key": "k"}]',
+         "key is given more than once in an object nested in the body"),
+    ],
+    ids=["surrogate", "empty", "nested", "nested surrogate", "in an array"],
+)
+@pytest.mark.parametrize("accept", ["text/plain", "application/json"])
+async def test_a_name_twice_is_quoted_safely_and_where_it_is_said(
+    service: RunningService, http: aiohttp.ClientSession, clean_db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture, body: bytes, message: str, accept: str,
+) -> None:
+    caplog.set_level(logging.INFO)
+    headers = {**JSON_CT, "Accept": accept}
+    async with http.post(f"{service.url}/set_var", data=body, headers=headers) as r:
+        assert r.status == 400, await r.text()
+        got = (await r.json())["error"] if accept == "application/json" else await r.text()
+        assert got == message
+    assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+    assert_logged_whole(caplog)
+
+
 async def test_a_utf8_bom_before_the_json_is_accepted(
     service: RunningService, http: aiohttp.ClientSession
 ) -> None:
