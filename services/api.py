@@ -154,6 +154,7 @@ def _no_constant(name: str) -> NoReturn:
 
 
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+_JSON_SPACE = " \t\r\n"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
@@ -263,7 +264,10 @@ async def _body_object(request: web.Request) -> dict[str, Any]:
             why = "nested too deeply"
         else:
             why = str(exc)
-        if request.content_type in _FORM_TYPES:
+        # A body that starts as JSON is JSON gone wrong, not a form, whatever its Content-Type
+        # says (`curl -d` says form).
+        starts_as_json = text.lstrip(_JSON_SPACE).startswith(("{", "["))
+        if request.content_type in _FORM_TYPES and not starts_as_json:
             why += "; form fields are not read: send JSON, or ?key=...&value=... in the URL"
         _bad(f"request body is not valid JSON ({why})")
     objects.check(body)

@@ -248,6 +248,24 @@ async def test_a_form_body_is_told_to_send_json(
     assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
 
 
+@pytest.mark.parametrize(
+    "body", [b'{"key": "f", "value": ', b" \r\n\t[1, 2", b"\n{key=f&value=v}", b'{"a": 1}{'])
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=b"])
+async def test_broken_json_under_a_form_content_type_gets_no_form_hint(
+    service: RunningService, http: aiohttp.ClientSession, clean_db: asyncpg.Connection,
+    body: bytes, content_type: str,
+) -> None:
+    # `curl -d '{"key": ...'` says form: a body that starts as JSON is JSON gone wrong.
+    headers = {"Content-Type": content_type}
+    async with http.post(f"{service.url}/set_var", data=body, headers=headers) as r:
+        text = await r.text()
+        assert r.status == 400, text
+        assert text.startswith("request body is not valid JSON (")
+        assert "form" not in text
+    assert await clean_db.fetchval("SELECT count(*) FROM public.variables") == 0
+
+
 async def test_a_transfer_coding_other_than_chunked_is_501(
     service: RunningService, clean_db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
