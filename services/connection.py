@@ -23,12 +23,15 @@ such requests through a real socket, so an aiohttp that changes them fails there
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import StreamReader, web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
 
 from common.web import HandlerRunner
+
+_CARET_LINE = re.compile(r"\n[ \t]*\^[ \t]*$")
 
 #: Loop steps a connection may spend between aiohttp's states before the EOF closes it anyway
 #: (a request moving from its parse to its handler takes one or two).
@@ -48,7 +51,10 @@ class RequestHandler(web_protocol.RequestHandler):
         exc = kw.get("exc_info")
         if isinstance(exc, HttpProcessingError):  # the parser's 400: the client's mistake
             message, *params = args
-            self.logger.info(f"{message}: %s", *params, exc.message or exc)
+            # aiohttp's C parser spreads its message over lines (the bytes, then a caret under
+            # the one it refused): one request is one line of the log, without the caret.
+            why = " ".join(_CARET_LINE.sub("", str(exc.message or exc)).split())
+            self.logger.info(f"{message}: %s", *params, why)
             return
         super().log_exception(*args, **kw)
 

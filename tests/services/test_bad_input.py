@@ -356,7 +356,10 @@ async def test_a_request_the_parser_refuses_is_one_log_line_not_an_error(
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert [r.levelno for r in records] == [logging.INFO], records
     assert records[0].exc_info is None
-    assert records[0].getMessage().startswith("Error handling request from 127.0.0.1: ")
+    message = records[0].getMessage()
+    assert message.startswith("Error handling request from 127.0.0.1: ")
+    assert message == " ".join(message.split()), message  # one line, however aiohttp wraps it
+    assert not message.endswith("^"), message
 
 
 async def test_a_name_twice_in_the_body_is_400_like_twice_in_the_query(
