@@ -259,7 +259,7 @@ async def main_async(args: argparse.Namespace, out: TextIO, log: TextIO | None) 
 
 async def _run(args: argparse.Namespace, out: TextIO, log: TextIO | None) -> int:
     plan = Plan(
-        faults=[f for f in args.faults.split(",") if f] if args.faults else FAULTS,
+        faults=FAULTS if args.faults is None else [f for f in args.faults.split(",") if f],
         settle=args.settle if args.settle is not None else (2.0 if args.quick else 25.0),
         fresh_workers=args.workers, keepalive_workers=args.workers, loop=args.loop,
         seed=args.seed,
@@ -297,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="2 s of steady load around each fault instead of 25 (about a minute "
                              "instead of about three)")
-    parser.add_argument("--faults", default="",
+    parser.add_argument("--faults", default=None,
                         help=f"comma-separated, in order (default: {','.join(FAULTS)})")
     parser.add_argument("--settle", type=float, default=None,
                         help="seconds of steady load before and after each fault")
@@ -325,10 +325,16 @@ def option_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the options, before anything starts; None if nothing."""
     if args.workers < 1:
         return "--workers must be at least 1"
-    unknown = [f for f in args.faults.split(",") if f and f not in FAULTS]
+    if args.faults is None:  # not given: every fault
+        names = list(FAULTS)
+    else:
+        names = [f for f in args.faults.split(",") if f]
+        if not names:
+            return f"--faults {args.faults!r} names no fault; choose from {', '.join(FAULTS)}"
+    unknown = [f for f in names if f not in FAULTS]
     if unknown:
         return f"--faults: unknown fault {', '.join(unknown)}; choose from {', '.join(FAULTS)}"
-    if args.faults and args.url:
+    if args.faults is not None and args.url:
         return "--faults needs a stack of our own: it cannot go with --url"
     if args.settle is not None and not (math.isfinite(args.settle) and args.settle >= 0):
         return f"--settle must be a number of seconds >= 0, got {args.settle}"

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
         (["--settle", "-1"], "--settle must be a number of seconds >= 0, got -1.0"),
         (["--settle", "nan"], "--settle must be a number of seconds >= 0, got nan"),
         (["--workers", "0"], "--workers must be at least 1"),
+        (["--faults", ","], "--faults ',' names no fault; choose from kill, hang,"),
+        (["--faults", ""], "--faults '' names no fault; choose from kill, hang,"),
     ],
 )
 def test_bad_options_are_refused_before_anything_starts(
