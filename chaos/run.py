@@ -347,7 +347,11 @@ def run_parsed(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
         return 2
     with contextlib.ExitStack() as exits:
-        log = exits.enter_context(open(args.log, "w", encoding="utf-8")) if args.log else None
+        try:
+            log = exits.enter_context(open(args.log, "w", encoding="utf-8")) if args.log else None
+        except OSError as exc:  # a missing directory, a directory, no permission
+            print(f"--log {args.log}: cannot write it: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         if args.loop == "uvloop":
             import uvloop
 

@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
         (["--workers", "0"], "--workers must be at least 1"),
         (["--faults", ","], "--faults ',' names no fault; choose from kill, hang,"),
         (["--faults", ""], "--faults '' names no fault; choose from kill, hang,"),
+        (["--log", "/nonexistent-chaos-dir/run.log"],
+         "--log /nonexistent-chaos-dir/run.log: cannot write it: No such file or directory"),
+        (["--log", "/"], "--log /: cannot write it: Is a directory"),
     ],
 )
 def test_bad_options_are_refused_before_anything_starts(
