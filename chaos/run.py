@@ -7,7 +7,10 @@ and prints a verdict table: requests and failures per fault and why, recovery ti
 acknowledged writes checked against the database, the history's linearizability, leaks.
 Exit status 0 when nothing was lost and every failure is one the fault explains, else 1;
 2 for a bad option; 128 + the signal's number after Ctrl-C (SIGINT), SIGTERM or SIGHUP,
-which stop the stack and remove its scratch directory first.
+which stop the stack and remove its scratch directory first (``--data-dir``'s is kept).
+Once the stack is stopping, a signal does not cut the stop short (that left PostgreSQL
+running): it hurries it, killing what still runs. So a signal while the stack stops at the end
+of a run only hurries that stop: the run's report and exit status stand.
 
 ``--url`` targets a stack that is already running instead (no faults: it cannot signal
 processes it does not own): the load, the history check and a final read-back through the
@@ -28,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -229,35 +232,69 @@ def _say(out: TextIO) -> Callable[[str], None]:
     return say
 
 
+class _Signals:
+    """What Ctrl-C, SIGTERM and SIGHUP do. The first one, before stopping has begun, cancels the
+    run, which then stops the stack. Once stopping has begun (after that first signal, or at the
+    stack's stop that ends every run) a signal must not cancel the stop: a stop cut short left
+    PostgreSQL running and the scratch directory behind. Like a second Ctrl-C to uvicorn, it
+    hurries the stop instead (the stack's ``force_stop``: whatever still runs is killed)."""
+
+    def __init__(self, task: asyncio.Task[Any], say: Callable[[str], None]) -> None:
+        self.task = task
+        self.say = say
+        self.first: signal.Signals | None = None
+        """The signal that stopped the run, if one did."""
+        self.stack: Stack | None = None
+        """The stack of our own, once there is one (none with --url)."""
+        self.hurried = False
+
+    def __call__(self, signum: signal.Signals) -> None:
+        stack = self.stack
+        if self.first is None and not (stack is not None and stack.stopping):
+            self.first = signum
+            self.say(f"{signum.name}: stopping" + (
+                " (another signal stops at once)" if stack is not None else " the load"))
+            self.task.cancel()
+        elif stack is not None and not self.hurried:
+            self.hurried = True
+            why = "again" if self.first is not None else "while the stack stops"
+            self.say(f"{signum.name} {why}: stopping at once")
+            stack.force_stop.set()
+        # else: with --url nothing of ours needs stopping; the cancelled load is ending.
+
+
 async def main_async(args: argparse.Namespace, out: TextIO, log: TextIO | None) -> int:
     """The run, stopped in order by Ctrl-C, SIGTERM or SIGHUP: the stack stops, and the scratch
-    directory goes (a SIGTERMed run left its PostgreSQL running and its data behind)."""
+    directory goes (a SIGTERMed run left its PostgreSQL running and its data behind); a further
+    signal hurries the stop (see :class:`_Signals`)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    signalled: list[signal.Signals] = []
-
-    def stop(signum: signal.Signals) -> None:
-        if not signalled:  # once: a second signal must not cut the stack's own stop short
-            signalled.append(signum)
-            task.cancel()
-
+    say = _say(out)
+    signals = _Signals(task, say)
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for signum in stop_signals:
-        loop.add_signal_handler(signum, stop, signum)
+        loop.add_signal_handler(signum, signals, signum)
     try:
-        return await _run(args, out, log)
+        return await _run(args, out, log, signals)
     except asyncio.CancelledError:
-        if not signalled:
+        if signals.first is None:
             raise
-        _say(out)(f"stopped by {signalled[0].name}: the stack is stopped, its scratch data removed")
-        return 128 + signalled[0].value
+        if args.url:
+            what = f"the load is stopped; the stack at {args.url} is not ours, it keeps running"
+        elif args.data_dir:
+            what = f"the stack is stopped, its data kept in {args.data_dir}"
+        else:
+            what = "the stack is stopped, its scratch data removed"
+        say(f"stopped by {signals.first.name}: {what}")
+        return 128 + signals.first.value
     finally:
         for signum in stop_signals:
             loop.remove_signal_handler(signum)
 
 
-async def _run(args: argparse.Namespace, out: TextIO, log: TextIO | None) -> int:
+async def _run(args: argparse.Namespace, out: TextIO, log: TextIO | None,
+               signals: _Signals) -> int:
     plan = Plan(
         faults=FAULTS if args.faults is None else [f for f in args.faults.split(",") if f],
         settle=args.settle if args.settle is not None else (2.0 if args.quick else 25.0),
@@ -274,7 +311,7 @@ async def _run(args: argparse.Namespace, out: TextIO, log: TextIO | None) -> int
                 exits.enter_context(tempfile.TemporaryDirectory(prefix="varstack-chaos-")))
             lines = Lines(copy=log)
             config = stack_config(data / "stack", loop=plan.loop, restart_delay=1.0)
-            stack = Stack(config, output=Output(lines))
+            stack = signals.stack = Stack(config, output=Output(lines))
             say(f"starting the stack: PostgreSQL, {config.server_count} replicas, the balancer "
                 f"at {stack.url} (programs' output: {args.log or 'kept in memory'})")
             try:
@@ -288,6 +325,9 @@ async def _run(args: argparse.Namespace, out: TextIO, log: TextIO | None) -> int
                 out.write(lines.tail(40) + "\n")
                 return 1
             finally:
+                if not stack.stopping:  # a start that failed or was cancelled stopped it
+                    say("stopping the stack")
+                # Not cancelled by a signal from here: a signal hurries it (see _Signals).
                 await stack.stop()
     out.write("\n" + table(report) + "\n")
     return 0 if report.ok else 1

@@ -3,9 +3,12 @@ stops its stack and removes its scratch directory (a SIGTERMed run left PostgreS
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -13,6 +16,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from chaos import run
@@ -67,6 +71,88 @@ def processes_under(path: Path) -> list[str]:
     return found
 
 
+def postgres_of(path: Path) -> list[psutil.Process]:
+    """The PostgreSQL running on the one data directory under ``path``: the postmaster its
+    postmaster.pid names, and the postmaster's children."""
+    (pidfile,) = path.glob("**/pgdata/postmaster.pid")
+    postmaster = psutil.Process(int(pidfile.read_text().split()[0]))
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def running(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (the same processes: psutil checks the start time, not just the pid;
+    a zombie left to a parent that does not reap it is not running)."""
+    left = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(process)
+    return left
+
+
+class ChaosRun:
+    """``python -m chaos run ARGS`` in a child process with ``TMPDIR`` at ``scratch``, its output
+    read as it comes."""
+
+    def __init__(self, args: list[str], scratch: Path) -> None:
+        env = {**os.environ, "TMPDIR": str(scratch), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "chaos", "run", *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._ended = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float = 120.0) -> str:
+        """Until a line holding ``text`` is out (fails if the run ends or the time is up first);
+        returns that line."""
+        def seen() -> str | None:
+            return next((line for line in self.lines if text in line), None)
+
+        with self._changed:
+            self._changed.wait_for(lambda: seen() is not None or self._ended, timeout)
+            line = seen()
+        assert line is not None, f"no {text!r} in:\n{self.text}"
+        return line
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        status = self.proc.wait(timeout)
+        self._reader.join(10)
+        return status
+
+    def __enter__(self) -> ChaosRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
 @pytest.mark.parametrize(
     ("signum", "when"),
     [(signal.SIGTERM, "running: faults"), (signal.SIGHUP, "running: faults"),
@@ -77,37 +163,98 @@ def processes_under(path: Path) -> list[str]:
 def test_a_signal_stops_the_stack_and_removes_the_scratch_directory(
     scratch: Path, signum: signal.Signals, when: str
 ) -> None:
-    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "chaos", "run", "--faults", "kill", "--settle", "60"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    assert proc.stdout is not None
-    output: list[str] = []
-    reached = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            output.append(line)
-            if when in line:
-                reached.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        assert reached.wait(120), "".join(output)
+    with ChaosRun(["--faults", "kill", "--settle", "60"], scratch) as chaos:
+        chaos.wait_for(when)
         assert any(scratch.iterdir())  # the run's scratch directory exists
-        proc.send_signal(signum)
-        assert proc.wait(60) == 128 + signum.value, "".join(output)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(10)
-        proc.stdout.close()
-    text = "".join(output)
+        chaos.signal(signum)
+        assert chaos.wait() == 128 + signum.value, chaos.text
+    text = chaos.text
     assert "Traceback" not in text
     assert f"stopped by {signum.name}: the stack is stopped, its scratch data removed" in text
     assert processes_under(scratch) == []
     assert list(scratch.iterdir()) == []
+
+
+#: What the stack's log shows when a stop was hurried: a child killed without its drain, or
+#: PostgreSQL stopped (or killed) without its fast shutdown.
+HURRIED = ("(or forced): SIGKILL", "stopping the database (immediate)", "killing the database")
+
+
+@pytest.mark.parametrize("data_dir", [False, True], ids=["scratch directory", "--data-dir"])
+def test_a_second_signal_hurries_the_stop_instead_of_cutting_it_short(
+    scratch: Path, tmp_path: Path, data_dir: bool
+) -> None:
+    """The stop after a first signal is under way (the balancer drains a request the test
+    leaves half sent) when a second signal comes: the stop goes on, killing what still runs;
+    no PostgreSQL of the run is left, and the first signal gives the exit status."""
+    log = tmp_path / "programs.log"
+    data = scratch / "data"
+    args = ["--faults", "kill", "--settle", "60", "--log", str(log)]
+    with ChaosRun(args + (["--data-dir", str(data)] if data_dir else []), scratch) as chaos:
+        started = chaos.wait_for("starting the stack")
+        balancer = re.search(r"balancer at http://127\.0\.0\.1:(\d+)", started)
+        assert balancer is not None, started
+        chaos.wait_for("running: faults")
+        postgres = postgres_of(scratch)
+        with socket.create_connection(("127.0.0.1", int(balancer[1]))) as held:
+            held.sendall(b"POST /set_var HTTP/1.1\r\nHost: chaos\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: 100\r\n\r\n{")
+            chaos.signal(signal.SIGTERM)
+            chaos.wait_for("stopping the stack")
+            chaos.signal(signal.SIGINT)
+            assert chaos.wait() == 128 + signal.SIGTERM.value, chaos.text
+    text = chaos.text
+    assert "Traceback" not in text
+    assert "SIGTERM: stopping (another signal stops at once)" in text
+    assert "SIGINT again: stopping at once" in text
+    assert any(line in log.read_text() for line in HURRIED), log.read_text()
+    assert running(postgres) == []
+    assert processes_under(scratch) == []
+    if data_dir:
+        assert f"stopped by SIGTERM: the stack is stopped, its data kept in {data}" in text
+        assert (data / "stack" / "pgdata" / "PG_VERSION").exists()
+        assert not (data / "stack" / "pgdata" / "postmaster.pid").exists()
+    else:
+        assert "stopped by SIGTERM: the stack is stopped, its scratch data removed" in text
+        assert list(scratch.iterdir()) == []
+
+
+def test_a_signal_while_the_stack_stops_at_the_end_of_a_run_hurries_it_and_the_report_stands(
+    scratch: Path,
+) -> None:
+    """The run is over and measured; a signal during its stop hurries the stop, which still
+    ends with no PostgreSQL left and the scratch directory gone; the report is printed and
+    gives the exit status (the signal stopped nothing the run was doing)."""
+    with ChaosRun(["--faults", "kill", "--settle", "0"], scratch) as chaos:
+        chaos.wait_for("running: faults")
+        postgres = postgres_of(scratch)
+        chaos.wait_for("stopping the stack")
+        chaos.signal(signal.SIGTERM)
+        status = chaos.wait()
+    text = chaos.text
+    assert "Traceback" not in text
+    assert "SIGTERM while the stack stops: stopping at once" in text
+    assert "stopped by" not in text
+    assert "verdict: " in text
+    assert status == (0 if "verdict: PASS" in text else 1), text
+    assert running(postgres) == []
+    assert processes_under(scratch) == []
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_signal_with_url_stops_the_load_and_says_the_stack_is_left_running(
+    scratch: Path,
+) -> None:
+    """--url: nothing of ours to stop but the load; the message does not claim a stack or a
+    scratch directory of ours."""
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as target:  # accepts nothing
+        url = f"http://127.0.0.1:{target.getsockname()[1]}"
+        with ChaosRun(["--url", url, "--quick"], scratch) as chaos:
+            chaos.wait_for("targeting")
+            chaos.signal(signal.SIGTERM)
+            assert chaos.wait() == 128 + signal.SIGTERM.value, chaos.text
+    text = chaos.text
+    assert "Traceback" not in text
+    assert "SIGTERM: stopping the load" in text
+    assert (f"stopped by SIGTERM: the load is stopped; the stack at {url} is not ours, it keeps "
+            "running") in text
