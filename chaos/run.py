@@ -7,7 +7,8 @@ and prints a verdict table: requests and failures per fault and why, recovery ti
 acknowledged writes checked against the database, the history's linearizability, leaks.
 Exit status 0 when nothing was lost and every failure is one the fault explains, else 1;
 2 for a bad option; 128 + the signal's number after Ctrl-C (SIGINT), SIGTERM or SIGHUP,
-which stop the stack and remove its scratch directory first (``--data-dir``'s is kept).
+which stop the stack and remove its scratch directory first (``--data-dir``'s is kept);
+under ``nohup`` SIGHUP stays ignored.
 Once the stack is stopping, a signal does not cut the stop short (that left PostgreSQL
 running): it hurries it, killing what still runs. So a signal while the stack stops at the end
 of a run only hurries that stop: the run's report and exit status stand.
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+import common.signals
 from chaos.client import call
 from chaos.history import final_state_check
 from chaos.linearizability import CheckResult
@@ -272,7 +274,7 @@ async def main_async(args: argparse.Namespace, out: TextIO, log: TextIO | None) 
     assert task is not None
     say = _say(out)
     signals = _Signals(task, say)
-    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    stop_signals = common.signals.stop_signals()  # SIGHUP stays ignored under nohup
     for signum in stop_signals:
         loop.add_signal_handler(signum, signals, signum)
     try:

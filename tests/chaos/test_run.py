@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -91,13 +91,13 @@ def running(processes: list[psutil.Process]) -> list[psutil.Process]:
 
 
 class ChaosRun:
-    """``python -m chaos run ARGS`` in a child process with ``TMPDIR`` at ``scratch``, its output
-    read as it comes."""
+    """``python -m chaos run ARGS`` in a child process with ``TMPDIR`` at ``scratch`` (under
+    ``prefix``, ``nohup`` say), its output read as it comes."""
 
-    def __init__(self, args: list[str], scratch: Path) -> None:
+    def __init__(self, args: list[str], scratch: Path, prefix: Sequence[str] = ()) -> None:
         env = {**os.environ, "TMPDIR": str(scratch), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chaos", "run", *args],
+            [*prefix, sys.executable, "-m", "chaos", "run", *args],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.lines: list[str] = []
@@ -258,3 +258,17 @@ def test_a_signal_with_url_stops_the_load_and_says_the_stack_is_left_running(
     assert "SIGTERM: stopping the load" in text
     assert (f"stopped by SIGTERM: the load is stopped; the stack at {url} is not ours, it keeps "
             "running") in text
+
+
+def test_under_nohup_a_hangup_does_not_stop_the_run(scratch: Path) -> None:
+    """``nohup`` asks that a closed terminal not stop the program: SIGHUP stays ignored (the
+    handler undid that), and a SIGTERM after it is the one that stops the run."""
+    with ChaosRun(["--faults", "kill", "--settle", "60"], scratch, prefix=["nohup"]) as chaos:
+        chaos.wait_for("running: faults")
+        chaos.signal(signal.SIGHUP)  # ignored at once: never pending, never handled
+        chaos.signal(signal.SIGTERM)
+        assert chaos.wait() == 128 + signal.SIGTERM.value, chaos.text
+    assert "SIGHUP" not in chaos.text
+    assert "stopped by SIGTERM: the stack is stopped, its scratch data removed" in chaos.text
+    assert processes_under(scratch) == []
+    assert list(scratch.iterdir()) == []
