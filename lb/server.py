@@ -24,6 +24,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
+from common.loops import CappedFactory
 from common.net import (
     ListenError,
     host_port,
@@ -90,6 +91,8 @@ class Server:
         self._relay: Relay | None = None
         self._sock: socket.socket | None = None
         self._acceptor: asyncio.AbstractServer | None = None
+        #: The protocol factory: the balancer's own loop accepts no more than there is room for.
+        self._factory = CappedFactory(self._new_pipe, self._room)
         self._acceptor_task: asyncio.Task[None] | None = None
         self._accept_wanted = False
         self._started = False
@@ -262,10 +265,16 @@ class Server:
         assert self._relay is not None
         return Pipe(self._relay)
 
+    def _room(self) -> int:
+        """How many more clients may be accepted now: the rest wait in the kernel backlog."""
+        if self._stopping:
+            return 0
+        return self.config.max_connections - len(self.pipes) - len(self.waiting)
+
     async def _serve(self) -> asyncio.AbstractServer:
         assert self._sock is not None
         return await asyncio.get_running_loop().create_server(
-            self._new_pipe, sock=self._sock.dup(), backlog=self.config.backlog
+            self._factory, sock=self._sock.dup(), backlog=self.config.backlog
         )
 
     def _admit(self, pipe: Pipe) -> bool:

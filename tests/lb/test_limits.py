@@ -328,6 +328,111 @@ async def test_a_descriptor_limit_lowers_the_cap_and_waiting_clients_are_served_
         assert "no backend accepted" not in lb.output()
 
 
+async def _served_in_waves(env: dict[str, str], *, nofile: int | None, cap: int,
+                           clients: int) -> LbProcess:
+    """``clients`` clients that all wait in the backlog when the balancer wakes: it takes
+    ``cap`` of them, the others stay in the backlog until a slot frees, and none is dropped."""
+    async with LbProcess(env, nofile=nofile) as lb:
+        process = psutil.Process(lb.pid)
+        # Stopped, the balancer accepts nothing: every connect completes in the kernel
+        # backlog, and its first accept step finds them all there at once.
+        lb.signal(signal.SIGSTOP)
+        try:
+            conns = [await connect(lb.port) for _ in range(clients)]
+            for _, writer in conns:
+                writer.write(b"ping")
+        finally:
+            lb.signal(signal.SIGCONT)
+
+        def held() -> int:
+            return sum(1 for c in process.net_connections("tcp")
+                       if c.laddr.port == lb.port and c.status == psutil.CONN_ESTABLISHED)
+
+        for wave in range(0, clients, cap):
+            served = conns[wave:wave + cap]
+            for reader, _ in served:
+                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+            # Exactly this wave holds the slots; the rest are not even accepted.
+            if conns[wave + cap:]:
+                await asyncio.sleep(0.3)
+                assert held() == len(served)
+            for _, writer in served:
+                await close(writer)
+        lb.signal(signal.SIGTERM)
+        assert await lb.wait() == 0
+    return lb
+
+
+async def test_a_burst_past_the_cap_waits_in_the_backlog_and_is_served_as_slots_free() -> None:
+    """The default loop accepted up to a backlog's worth of clients in one step and only then
+    learnt that the cap was reached: the clients past it were held open, accepted, instead of
+    waiting in the backlog as under uvloop."""
+    async with EchoBackend() as echo:
+        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
+               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "60",
+               "LB_MAX_CONNECTIONS": "4", "LB_LOOP": loop_name()}
+        lb = await _served_in_waves(env, nofile=None, cap=4, clients=12)
+    assert "no backend accepted" not in lb.output()
+
+
+async def test_a_burst_past_a_cap_lowered_to_the_descriptor_limit_drops_no_client() -> None:
+    """Under ``ulimit -n 64`` (a cap of 16), 48 clients at once: accepted together, those past
+    the cap took the descriptors the served ones needed to reach a backend, and were dropped
+    (``no backend accepted``) or met EMFILE at accept."""
+    async with EchoBackend() as echo:
+        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
+               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "60",
+               "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
+        lb = await _served_in_waves(env, nofile=64, cap=16, clients=48)
+    assert "serving at most 16 connections at once" in lb.output()
+    assert "no backend accepted" not in lb.output()
+    assert "accept() failed" not in lb.output()
+
+
+def test_the_default_loop_accepts_no_more_than_the_room_left() -> None:
+    """The balancer's default loop ends an accept step at the room its server has left,
+    counting the connections accepted whose ``connection_made`` has not run yet."""
+    import socket
+
+    from common.loops import CappedFactory, SelectorEventLoop
+
+    made: list[asyncio.BaseTransport] = []
+
+    class Recorder(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            made.append(transport)
+
+    loop = SelectorEventLoop()
+    listener = socket.socket()
+    clients = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        for _ in range(10):
+            client = socket.create_connection(listener.getsockname())
+            clients.append(client)
+        factory = CappedFactory(Recorder, lambda: 3 - len(made))
+        server = loop.run_until_complete(
+            loop.create_server(factory, sock=listener.dup(), backlog=64))
+        loop.run_until_complete(asyncio.sleep(0.2))
+        assert len(made) == 3
+        assert factory.in_flight == 0
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        for transport in made:
+            transport.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        # The other seven are still in the kernel backlog.
+        listener.settimeout(1)
+        for _ in range(7):
+            listener.accept()[0].close()
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+        loop.close()
+
+
 def test_an_accept_retry_for_a_listener_closed_meanwhile_is_dropped() -> None:
     """Out of descriptors, the default loop retries accept() a second later; the listener may
     be closed by then (the cap reached, a SIGTERM): the retry must not raise on its fd -1."""
