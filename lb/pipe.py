@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
 import struct
+import sys
+import termios
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -32,6 +35,9 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _TICKS: Final = 4
 #: At most one log line per this many seconds about this process running out of resources.
 _LOCAL_ERROR_LOG_INTERVAL: Final = 10.0
+#: Linux's SIOCOUTQ (the same number as TIOCOUTQ): bytes in a TCP socket's send queue, not yet
+#: acknowledged by the peer.
+_SIOCOUTQ: Final = termios.TIOCOUTQ if sys.platform.startswith("linux") else None
 
 
 class Relay:
@@ -107,6 +113,7 @@ class Pipe(asyncio.Protocol):
         "_connect_expired",
         "_connector",
         "_done",
+        "_held",
         "_idle_ticks",
         "_pending",
         "_redispatched",
@@ -150,6 +157,8 @@ class Pipe(asyncio.Protocol):
         self._sweep: _Sweep | None = None
         self._active = False
         self._idle_ticks = 0
+        #: Bytes on their way out at the last silent tick (-1: not looked at since activity).
+        self._held = -1
         self._client_full = False
         self._upstream_full = False
         self._closing = False
@@ -480,17 +489,29 @@ class Pipe(asyncio.Protocol):
             self._sweep = None
 
     def _tick(self, sweep: _Sweep) -> None:
-        """One tick of the shared timer of ``sweep``."""
+        """One tick of the shared timer of ``sweep``.
+
+        Activity is a chunk received (a flag, nothing more per chunk) or, when none came, a
+        peer taking bytes: what this process holds on their way out (write buffers and the
+        kernel's send queues) shrank since the last tick. Nothing is added to those without a
+        chunk received, so a slow reader draining them counts as traffic, while one that takes
+        nothing, its buffers full, is still silence."""
         if self._closing:
             self._cancel_timer()
             return
         if self._active:
             self._active = False
             self._idle_ticks = 0
+            self._held = -1
             return
-        self._idle_ticks += 1
-        if self._idle_ticks >= _TICKS:
-            self._cut(sweep.why)
+        held = _held(self.client) + _held(self.upstream)
+        if held < self._held:
+            self._idle_ticks = 0
+        else:
+            self._idle_ticks += 1
+            if self._idle_ticks >= _TICKS:
+                self._cut(sweep.why)
+        self._held = held
 
 
 class _Sweep:
@@ -580,6 +601,20 @@ class _Upstream(asyncio.Protocol):
             self._lost_exc = exc
         else:
             self._pipe.upstream_lost(exc)
+
+
+def _held(transport: asyncio.Transport | None) -> int:
+    """Bytes on their way out through ``transport``: its write buffer, and (on Linux) those in
+    the kernel's send queue that the peer has not acknowledged yet."""
+    if transport is None:
+        return 0
+    held = transport.get_write_buffer_size()
+    if _SIOCOUTQ is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
+                held += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * 4))[0]
+    return held
 
 
 def _linger_reset(transport: asyncio.Transport) -> None:

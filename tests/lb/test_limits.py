@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
 import signal
+import socket
 
 import psutil
 import pytest
@@ -16,6 +18,7 @@ from tests.lb.lbkit import (
     EchoBackend,
     FuncBackend,
     LbProcess,
+    SourceBackend,
     close,
     connect,
     eventually,
@@ -96,9 +99,14 @@ async def test_idle_timeout_closes_a_silent_connection(caplog: pytest.LogCapture
     assert "end=idle timeout" in caplog.text
 
 
-async def test_idle_timeout_resets_a_connection_whose_client_stopped_reading() -> None:
+@pytest.mark.parametrize("half_closed", [False, True], ids=["open", "half-closed"])
+async def test_idle_timeout_resets_a_connection_whose_client_stopped_reading(
+    half_closed: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
     """Silence because the client does not read, with bytes held back: the cut is a reset, or
-    the client would take the part it got for the whole answer."""
+    the client would take the part it got for the whole answer. Full buffers that do not
+    drain are no traffic, under either timeout (the client's EOF starts the half-close one)."""
+    caplog.set_level(logging.DEBUG, logger="lb.pipe")
     big = 64 << 20  # more than every buffer on the way holds
 
     async def send_big(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -106,10 +114,14 @@ async def test_idle_timeout_resets_a_connection_whose_client_stopped_reading() -
             writer.write(b"x" * big)
             await writer.drain()
 
+    timeouts = {"idle_timeout": 60, "half_close_timeout": 0.5} if half_closed \
+        else {"idle_timeout": 0.5}
     async with FuncBackend(send_big) as backend, running_lb(
-        lb_config(backend.address, idle_timeout=0.5)
+        lb_config(backend.address, **timeouts)
     ) as lb:
         reader, writer = await connect(lb.port)
+        if half_closed:
+            writer.write_eof()
         await reader.readexactly(65536)
         # The client stops reading: the pipe pauses, and its connection ends once the
         # timeout's length of silence has passed.
@@ -118,6 +130,47 @@ async def test_idle_timeout_resets_a_connection_whose_client_stopped_reading() -
         await close(writer)
     assert 65536 + got < big
     assert end == "reset"
+    assert ("end=half-close timeout" if half_closed else "end=idle timeout") in caplog.text
+
+
+@pytest.mark.parametrize("half_closed", [False, True], ids=["open", "half-closed"])
+async def test_a_slow_but_steady_reader_is_not_cut_by_the_timeouts(
+    half_closed: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that reads a big answer slowly, a little at a time, for many times the timeout:
+    the balancer receives nothing for long stretches (its buffers, and the kernel's, are full and
+    drain at the client's pace), yet bytes move, so neither the idle timeout nor (after the
+    client's EOF) the half-close timeout may cut it. Only chunks received used to count: it was
+    reset about a second in."""
+    caplog.set_level(logging.DEBUG, logger="lb.pipe")
+    size = 8 << 20  # more than the buffers on the way hold, so the backend cannot finish early
+    timeouts = {"idle_timeout": 60, "half_close_timeout": 0.5} if half_closed \
+        else {"idle_timeout": 0.5}
+    loop = asyncio.get_running_loop()
+    async with SourceBackend(size) as backend, running_lb(
+        lb_config(backend.address, **timeouts)
+    ) as lb:
+        sock = socket.socket()
+        with sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", lb.port))
+            if half_closed:
+                sock.shutdown(socket.SHUT_WR)
+            digest = hashlib.sha256()
+            got = 0
+            started = loop.time()
+            # About 3 MB/s: 64 KiB reads, 20 ms apart (a 25th of the timeout).
+            while data := await asyncio.wait_for(loop.sock_recv(sock, 65536), 5):
+                digest.update(data)
+                got += len(data)
+                await asyncio.sleep(0.02)
+            lasted = loop.time() - started
+        await eventually(lambda: not lb.pipes)
+    assert got == size
+    assert digest.hexdigest() == backend.digest
+    assert lasted > 4 * 0.5  # it really read for several timeouts
+    assert "end=idle timeout" not in caplog.text
+    assert "end=half-close timeout" not in caplog.text
 
 
 async def test_half_close_timeout_ends_a_side_that_never_finishes(
@@ -392,8 +445,6 @@ async def test_a_burst_past_a_cap_lowered_to_the_descriptor_limit_drops_no_clien
 def test_the_default_loop_accepts_no_more_than_the_room_left() -> None:
     """The balancer's default loop ends an accept step at the room its server has left,
     counting the connections accepted whose ``connection_made`` has not run yet."""
-    import socket
-
     from common.loops import CappedFactory, SelectorEventLoop
 
     made: list[asyncio.BaseTransport] = []
@@ -436,8 +487,6 @@ def test_the_default_loop_accepts_no_more_than_the_room_left() -> None:
 def test_an_accept_retry_for_a_listener_closed_meanwhile_is_dropped() -> None:
     """Out of descriptors, the default loop retries accept() a second later; the listener may
     be closed by then (the cap reached, a SIGTERM): the retry must not raise on its fd -1."""
-    import socket
-
     from common.loops import SelectorEventLoop, _AcceptBatch
 
     loop = SelectorEventLoop()
