@@ -17,8 +17,9 @@ request is unfinished; nothing else is (no new request is started during the dra
 and logs an ERROR with a traceback (a bad chunk size, a doubled ``Transfer-Encoding``): any
 client could fill the log, or page whoever watches it for errors. It is logged at INFO.
 
-It relies on aiohttp's ``RequestHandler`` internals; ``tests/services/test_api.py`` sends
-such requests through a real socket, so an aiohttp that changes them fails there.
+It relies on aiohttp's ``RequestHandler`` internals; ``tests/services/test_api.py``,
+``test_bad_input.py`` and ``test_lifecycle.py`` send such requests through a real socket, so an
+aiohttp that changes them fails there.
 """
 
 from __future__ import annotations
