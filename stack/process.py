@@ -238,7 +238,10 @@ class Child:
             if forced is not None:
                 forced.cancel()
             if proc.returncode is None:
-                self.log(f"still running {timeout:g}s after SIGTERM (or forced): SIGKILL")
+                if force is not None and force.is_set():
+                    self.log("still running, and the stop is forced: SIGKILL")
+                else:
+                    self.log(f"still running {timeout:g}s after SIGTERM: SIGKILL")
                 self.signal(signal.SIGKILL)
             await waiter
         # Anything the child left in its group goes with it.

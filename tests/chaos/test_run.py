@@ -177,7 +177,8 @@ def test_a_signal_stops_the_stack_and_removes_the_scratch_directory(
 
 #: What the stack's log shows when a stop was hurried: a child killed without its drain, or
 #: PostgreSQL stopped (or killed) without its fast shutdown.
-HURRIED = ("(or forced): SIGKILL", "stopping the database (immediate)", "killing the database")
+HURRIED = ("the stop is forced: SIGKILL", "stopping the database (immediate)",
+           "killing the database")
 
 
 @pytest.mark.parametrize("data_dir", [False, True], ids=["scratch directory", "--data-dir"])
