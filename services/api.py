@@ -494,6 +494,7 @@ def create_app(
     async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         database = Database(config, on_error=app[METRICS].database_error)
         app[METRICS].watch_pool(database.pool_stats)
+        app[METRICS].watch_read_batches(database.read_batch_stats)
         app[DATABASE] = database
         database.start()
         yield

@@ -15,10 +15,10 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -37,6 +37,7 @@ SQL_SET = (
     "ON CONFLICT (key) DO NOTHING RETURNING true"
 )
 SQL_GET = "SELECT value FROM public.variables WHERE key = $1"
+SQL_GET_MANY = "SELECT key, value FROM public.variables WHERE key = ANY($1::text[])"
 SQL_EDIT = "UPDATE public.variables SET value = $2 WHERE key = $1 RETURNING true"
 SQL_DELETE = "DELETE FROM public.variables WHERE key = $1 RETURNING true"
 SQL_PING = "SELECT 1"
@@ -67,6 +68,33 @@ STATEMENT_TIMEOUT_BACKSTOP = 0.5
 
 class DatabaseBusy(Exception):
     """Every connection is in use and too many requests already wait for one."""
+
+
+T = TypeVar("T")
+
+#: GETs read in one statement at most: a batch this full lets the next GET start another.
+GET_BATCH_MAX_KEYS = 64
+
+class _GetBatch:
+    """The GETs of one batch: each key with the future its request awaits."""
+
+    __slots__ = ("closed", "members")
+
+    def __init__(self) -> None:
+        self.members: list[tuple[str, asyncio.Future[str | None]]] = []
+        self.closed = False
+
+
+def _for_one_request(exc: BaseException) -> BaseException:
+    """What one member of a failed batch raises: an exception of its own, as each request
+    raises (and its traceback grows) in its own task."""
+    if isinstance(exc, DatabaseBusy | DatabaseUnavailable):
+        own = type(exc)(*exc.args)
+        own.__cause__ = exc.__cause__
+        return own
+    if isinstance(exc, Exception):
+        return exc
+    return DatabaseUnavailable("the service is shutting down")
 
 
 def schema_sql() -> str:
@@ -136,6 +164,11 @@ class Database:
         self._pool: Pool | None = None
         self._connector: asyncio.Task[None] | None = None
         self._in_flight = 0
+        self._open_batch: _GetBatch | None = None
+        self._read_batches = 0
+        self._reads_waiting = 0
+        self._batched_reads = 0
+        self._batch_tasks: set[asyncio.Task[None]] = set()
         # /healthcheck's own connection: a full pool is a busy replica, not a dead database,
         # and must not make a balancer take every replica out under load.
         self._health_conn: asyncpg.Connection | None = None
@@ -237,6 +270,11 @@ class Database:
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close(timeout)
+        # A batch still running after the pool closed is one whose connection just failed.
+        batches = list(self._batch_tasks)
+        for task in batches:
+            task.cancel()
+        await asyncio.gather(*batches, return_exceptions=True)
 
     # -- state ------------------------------------------------------------------
 
@@ -247,9 +285,14 @@ class Database:
             return 0, 0
         return pool.size, pool.in_use
 
+    def read_batch_stats(self) -> tuple[int, int, int]:
+        """(batched statements run, GETs they answered, GETs in batches still waiting)."""
+        return self._read_batches, self._batched_reads, self._reads_waiting
+
     # -- statements -------------------------------------------------------------
 
-    async def _fetchval(self, sql: str, *args: Any) -> Any:
+    def _admit(self) -> Pool:
+        """The pool, for one more request; or why the request cannot have it."""
         pool = self._pool
         if pool is None:
             self._on_error("unavailable")
@@ -258,19 +301,39 @@ class Database:
         if self._in_flight >= cfg.pool_max_size + cfg.max_waiting:
             self._on_error("busy")
             raise DatabaseBusy(f"{self._in_flight} requests already use or wait for the database")
+        return pool
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        pool = self._admit()
         self._in_flight += 1
+        try:
+            return await self._run(pool, lambda conn: conn.fetchval(sql, *args))
+        finally:
+            self._in_flight -= 1
+
+    async def _run(
+        self,
+        pool: Pool,
+        statement: Callable[[asyncpg.Connection], Awaitable[T]],
+        *,
+        on_error: Callable[[str], None] | None = None,
+    ) -> T:
+        """``statement`` on a lent connection, its failures as DatabaseBusy/Unavailable,
+        each counted with ``on_error`` (by default, the one of the Database)."""
+        cfg = self._config
+        error = on_error or self._on_error
         try:
             try:
                 conn = await pool.acquire(timeout=cfg.pool_acquire_timeout)
             except PoolTimeout as exc:
-                self._on_error("busy")
+                error("busy")
                 raise DatabaseBusy(str(exc)) from None
             except PoolClosing as exc:
-                self._on_error("unavailable")
+                error("unavailable")
                 raise DatabaseUnavailable(str(exc)) from None
             except (*CONNECTION_ERRORS, TimeoutError, asyncpg.PostgresError) as exc:
                 # Opening a connection failed: any refusal of the server's counts.
-                raise self._connection_lost(pool, exc) from exc
+                raise self._connection_lost(pool, exc, error) from exc
             # Only a statement's own error (a constraint, a missing table, the server's
             # statement_timeout) leaves the connection sound. The client's timeout, a
             # cancellation or a broken protocol state cannot be trusted: a timed-out connection
@@ -279,7 +342,7 @@ class Database:
             discard = True
             try:
                 try:
-                    value = await conn.fetchval(sql, *args)
+                    value = await statement(conn)
                 except asyncpg.UndefinedTableError:
                     # The table is gone: a new, empty database at the same address (recreated
                     # without its volume, restored from nothing). Make it again, once, rather
@@ -287,7 +350,7 @@ class Database:
                     log.warning("the table public.variables is missing (a new, empty database?):"
                                 " applying the schema again")
                     await _apply_schema_on(conn)
-                    value = await conn.fetchval(sql, *args)
+                    value = await statement(conn)
                 discard = False
                 return value
             except asyncpg.PostgresError as exc:
@@ -298,17 +361,17 @@ class Database:
         except (DatabaseBusy, DatabaseUnavailable, asyncio.CancelledError):
             raise
         except (TimeoutError, asyncpg.QueryCanceledError) as exc:
-            self._on_error("timeout")
+            error("timeout")
             raise DatabaseUnavailable(
                 f"statement took over {cfg.db_command_timeout:g}s"
             ) from exc
         except CONNECTION_ERRORS as exc:
-            raise self._connection_lost(pool, exc) from exc
-        finally:
-            self._in_flight -= 1
+            raise self._connection_lost(pool, exc, error) from exc
 
-    def _connection_lost(self, pool: Pool, exc: BaseException) -> DatabaseUnavailable:
-        self._on_error("connection")
+    def _connection_lost(
+        self, pool: Pool, exc: BaseException, error: Callable[[str], None]
+    ) -> DatabaseUnavailable:
+        error("connection")
         self.last_error = describe(exc)
         # One broken connection means the server went away: the idle ones are broken too,
         # and each would fail one more request before being noticed. A name that did not
@@ -317,12 +380,82 @@ class Database:
             pool.expire()
         return DatabaseUnavailable(self.last_error)
 
+    # -- batched reads ----------------------------------------------------------
+
+    async def _get_batched(self, pool: Pool, key: str) -> str | None:
+        """``key``'s value, read together with the other GETs that wait for a connection.
+
+        One batch at a time stays open: it waits for a connection like any request, and
+        every GET that arrives meanwhile joins it. Once it has the connection it closes and
+        reads all its keys in one statement, so each member's answer is read after that member
+        arrived: as fresh as a statement of its own would have been.
+        """
+        batch = self._open_batch
+        if batch is None or len(batch.members) >= GET_BATCH_MAX_KEYS:
+            batch = self._open_batch = _GetBatch()
+            task = asyncio.create_task(self._read_batch(pool, batch), name="db-get-batch")
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+        answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        batch.members.append((key, answer))
+        self._reads_waiting += 1
+        return await answer
+
+    def _close_batch(self, batch: _GetBatch) -> None:
+        """No more members: its statement starts, or it failed before one could."""
+        if not batch.closed:
+            batch.closed = True
+            self._reads_waiting -= len(batch.members)
+            if self._open_batch is batch:
+                self._open_batch = None
+
+    async def _read_batch(self, pool: Pool, batch: _GetBatch) -> None:
+        members = batch.members
+
+        async def read(conn: asyncpg.Connection) -> dict[str, Any]:
+            if not batch.closed:  # not on the second try (after the schema was re-applied)
+                self._close_batch(batch)
+                self._read_batches += 1
+                self._batched_reads += len(members)
+            keys = list(dict.fromkeys(key for key, _ in members))
+            if len(keys) == 1:
+                return {keys[0]: await conn.fetchval(SQL_GET, keys[0])}
+            return {row[0]: row[1] for row in await conn.fetch(SQL_GET_MANY, keys)}
+
+        def error(kind: str) -> None:  # met by every request of the batch
+            for _ in members:
+                self._on_error(kind)
+
+        try:
+            values = await self._run(pool, read, on_error=error)
+        except BaseException as exc:
+            self._close_batch(batch)
+            for _, answer in members:
+                if not answer.done():
+                    answer.set_exception(_for_one_request(exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for key, answer in members:
+            if not answer.done():
+                value = values.get(key)
+                answer.set_result(None if value is None else str(value))
+
     async def set_var(self, key: str, value: str) -> bool:
         """Create ``key``; False if it already exists."""
         return bool(await self._fetchval(SQL_SET, key, value))
 
     async def get_var(self, key: str) -> str | None:
-        value = await self._fetchval(SQL_GET, key)
+        """The value of ``key``, or None. When every connection is in use, the read joins
+        the others waiting (see :meth:`_get_batched`)."""
+        pool = self._admit()
+        self._in_flight += 1
+        try:
+            if pool.saturated:
+                return await self._get_batched(pool, key)
+            value = await self._run(pool, lambda conn: conn.fetchval(SQL_GET, key))
+        finally:
+            self._in_flight -= 1
         return None if value is None else str(value)
 
     async def edit_var(self, key: str, value: str) -> bool:

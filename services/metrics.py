@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -16,13 +16,33 @@ class _PoolCollector(Collector):
     def __init__(self, stats: Callable[[], tuple[int, int]]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         size, in_use = self._stats()
         yield GaugeMetricFamily(
             "varstack_db_pool_connections", "Connections the pool holds open.", value=size
         )
         yield GaugeMetricFamily(
             "varstack_db_pool_in_use", "Pool connections lent to a request.", value=in_use
+        )
+
+
+class _ReadBatchCollector(Collector):
+    def __init__(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        batches, reads, waiting = self._stats()
+        yield CounterMetricFamily(
+            "varstack_db_read_batches",
+            "Statements that read the keys of the GETs that waited for a connection together.",
+            value=batches,
+        )
+        yield CounterMetricFamily(
+            "varstack_db_batched_reads", "GETs answered by a batched read.", value=reads
+        )
+        yield GaugeMetricFamily(
+            "varstack_db_reads_waiting", "GETs waiting in batches for a connection.",
+            value=waiting,
         )
 
 
@@ -62,6 +82,9 @@ class Metrics:
 
     def watch_pool(self, stats: Callable[[], tuple[int, int]]) -> None:
         self.registry.register(_PoolCollector(stats))
+
+    def watch_read_batches(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+        self.registry.register(_ReadBatchCollector(stats))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -84,6 +84,12 @@ class Pool:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def saturated(self) -> bool:
+        """Whether :meth:`acquire` would wait: no idle connection and no free slot, or
+        others already wait."""
+        return not self._idle and (self._open >= self.max_size or bool(self._waiters))
+
     # -- lending ----------------------------------------------------------------
 
     async def start(self) -> None:
