@@ -53,6 +53,8 @@ SETTINGS: tuple[Setting, ...] = (
             help="seconds a request waits for a free connection before 503"),
     Setting(env="SERVICE_MAX_WAITING", attr="max_waiting", default="512",
             help="requests allowed to wait for a connection; beyond it, 503 at once"),
+    Setting(env="SERVICE_READ_CONCURRENCY", attr="read_concurrency", default="1",
+            help="GET statements run at once; GETs arriving meanwhile wait and are read together"),
     Setting(env="SERVICE_DB_COMMAND_TIMEOUT", attr="db_command_timeout", default="5.0",
             help="seconds one SQL statement may take before 503"),
     Setting(env="SERVICE_DB_CONNECT_TIMEOUT", attr="db_connect_timeout", default="5.0",
@@ -92,6 +94,7 @@ class Config:
     pool_max_size: int = 10
     pool_acquire_timeout: float = 2.0
     max_waiting: int = 512
+    read_concurrency: int = 1
     db_command_timeout: float = 5.0
     db_connect_timeout: float = 5.0
     db_retry_max_delay: float = 5.0
@@ -132,6 +135,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "pool_max_size": integer(1, 1000),
     "pool_acquire_timeout": seconds(0.001, 300),
     "max_waiting": integer(0, 100_000),
+    "read_concurrency": integer(1, 1000),
     "db_command_timeout": seconds(0.001, 3600),
     "db_connect_timeout": seconds(0.001, 300),
     "db_retry_max_delay": seconds(0.01, 300),

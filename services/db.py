@@ -165,6 +165,7 @@ class Database:
         self._connector: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._open_batch: _GetBatch | None = None
+        self._reads = asyncio.Semaphore(config.read_concurrency)
         self._read_batches = 0
         self._reads_waiting = 0
         self._batched_reads = 0
@@ -317,14 +318,17 @@ class Database:
         statement: Callable[[asyncpg.Connection], Awaitable[T]],
         *,
         on_error: Callable[[str], None] | None = None,
+        acquire_timeout: float | None = None,
     ) -> T:
         """``statement`` on a lent connection, its failures as DatabaseBusy/Unavailable,
         each counted with ``on_error`` (by default, the one of the Database)."""
         cfg = self._config
         error = on_error or self._on_error
+        if acquire_timeout is None:
+            acquire_timeout = cfg.pool_acquire_timeout
         try:
             try:
-                conn = await pool.acquire(timeout=cfg.pool_acquire_timeout)
+                conn = await pool.acquire(timeout=acquire_timeout)
             except PoolTimeout as exc:
                 error("busy")
                 raise DatabaseBusy(str(exc)) from None
@@ -383,12 +387,14 @@ class Database:
     # -- batched reads ----------------------------------------------------------
 
     async def _get_batched(self, pool: Pool, key: str) -> str | None:
-        """``key``'s value, read together with the other GETs that wait for a connection.
+        """``key``'s value, read together with the other GETs that wait.
 
-        One batch at a time stays open: it waits for a connection like any request, and
-        every GET that arrives meanwhile joins it. Once it has the connection it closes and
-        reads all its keys in one statement, so each member's answer is read after that member
-        arrived: as fresh as a statement of its own would have been.
+        At most ``read_concurrency`` GET statements run at once (each one costs the replica
+        and PostgreSQL about as much as a batch of many). One batch at a time stays open: it
+        waits for its turn and a connection like any request, and every GET that arrives
+        meanwhile joins it. Once it has the connection it closes and reads all its keys in one
+        statement, so each member's answer is read after that member arrived: as fresh as a
+        statement of its own would have been.
         """
         batch = self._open_batch
         if batch is None or len(batch.members) >= GET_BATCH_MAX_KEYS:
@@ -426,8 +432,25 @@ class Database:
             for _ in members:
                 self._on_error(kind)
 
+        cfg = self._config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.pool_acquire_timeout
         try:
-            values = await self._run(pool, read, on_error=error)
+            # The turn and the connection together within the acquire timeout: a request
+            # waits no longer for a batched read than it would for a connection of its own.
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._reads.acquire()
+            except TimeoutError:
+                error("busy")
+                raise DatabaseBusy(
+                    f"the reads ahead took over {cfg.pool_acquire_timeout:g}s"
+                ) from None
+            try:
+                values = await self._run(pool, read, on_error=error,
+                                         acquire_timeout=max(deadline - loop.time(), 0.0))
+            finally:
+                self._reads.release()
         except BaseException as exc:
             self._close_batch(batch)
             for _, answer in members:
@@ -446,14 +469,19 @@ class Database:
         return bool(await self._fetchval(SQL_SET, key, value))
 
     async def get_var(self, key: str) -> str | None:
-        """The value of ``key``, or None. When every connection is in use, the read joins
-        the others waiting (see :meth:`_get_batched`)."""
+        """The value of ``key``, or None. When ``read_concurrency`` reads already run or every
+        connection is in use, the read joins the others waiting (see :meth:`_get_batched`)."""
         pool = self._admit()
         self._in_flight += 1
         try:
-            if pool.saturated:
+            reads = self._reads
+            if reads.locked() or pool.saturated:
                 return await self._get_batched(pool, key)
-            value = await self._run(pool, lambda conn: conn.fetchval(SQL_GET, key))
+            await reads.acquire()  # free: returns at once
+            try:
+                value = await self._run(pool, lambda conn: conn.fetchval(SQL_GET, key))
+            finally:
+                reads.release()
         finally:
             self._in_flight -= 1
         return None if value is None else str(value)

@@ -109,11 +109,16 @@ async def test_database_killed_mid_request_is_503_not_500(
         locker.terminate()
 
 
-async def wait_for_lock_waiter(conn: asyncpg.Connection) -> None:
+async def wait_for_lock_waiter(conn: asyncpg.Connection, count: int = 1) -> None:
+    """Until ``count`` sessions wait for a lock. ``conn`` may be in a transaction, where
+    pg_stat_activity keeps the snapshot it first read: each look drops it."""
     async with asyncio.timeout(10):
-        while not await conn.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-        ):
+        while True:
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            if await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            ) >= count:
+                return
             await asyncio.sleep(0.02)
 
 

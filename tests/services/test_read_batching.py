@@ -40,19 +40,20 @@ async def test_gets_waiting_for_a_connection_are_read_in_one_statement(
         "INSERT INTO public.variables VALUES ($1, $2)",
         [(f"k{i}", f"v{i}") for i in range(10)] + [("snow", "☃ \x01 'quoted'")],
     )
-    config = config_for(postgres, pool_min_size=1, pool_max_size=1)
-    async with run_service(config) as service, aiohttp.ClientSession() as http:
+    async with run_service(config_for(postgres)) as service, aiohttp.ClientSession() as http:
 
         async def get(key: str) -> tuple[int, str]:
             async with http.get(f"{service.url}/get_var", params={"key": key}) as r:
                 return r.status, await r.text()
 
         await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
-        first = asyncio.ensure_future(get("k0"))  # holds the only connection
+        first = asyncio.ensure_future(get("k0"))  # the one read that runs (read_concurrency 1)
         await wait_for_lock_waiter(clean_db)
         keys = [f"k{i}" for i in range(10)] * 2 + [f"missing-{i}" for i in range(5)] + ["snow"]
         waiting = [asyncio.ensure_future(get(key)) for key in keys]
         await wait_for_reads_waiting(service.database, len(keys))
+        # They wait for their turn, not for a connection: the pool has nine more.
+        assert service.database.pool_stats()[1] == 1
         await clean_db.execute("ROLLBACK")
         answers = await asyncio.gather(*waiting)
         assert await first == (200, "v0")
@@ -61,6 +62,28 @@ async def test_gets_waiting_for_a_connection_are_read_in_one_statement(
         assert await metric(http, service, "varstack_db_read_batches_total") == 1
         assert await metric(http, service, "varstack_db_batched_reads_total") == len(keys)
         assert await metric(http, service, "varstack_db_reads_waiting") == 0
+
+
+async def test_read_concurrency_sets_how_many_gets_run_before_the_rest_wait(
+    postgres: Any, clean_db: asyncpg.Connection
+) -> None:
+    await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+    config = config_for(postgres, read_concurrency=3)
+    async with run_service(config) as service, aiohttp.ClientSession() as http:
+
+        async def get() -> tuple[int, str]:
+            async with http.get(f"{service.url}/get_var?key=k") as r:
+                return r.status, await r.text()
+
+        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+        running = [asyncio.ensure_future(get()) for _ in range(3)]
+        await wait_for_lock_waiter(clean_db, 3)  # each of the three on its own
+        waiting = [asyncio.ensure_future(get()) for _ in range(5)]
+        await wait_for_reads_waiting(service.database, 5)
+        assert service.database.pool_stats()[1] == 3
+        await clean_db.execute("ROLLBACK")
+        assert await asyncio.gather(*running, *waiting) == [(200, "v")] * 8
+        assert service.database.read_batch_stats() == (1, 5, 0)
 
 
 async def test_a_full_batch_leaves_the_next_gets_to_another(
