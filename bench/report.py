@@ -73,10 +73,9 @@ TARGETS: tuple[Target, ...] = (
            lambda r: r.ratios("stack_get_rps", "ours-2", "pgbench"), True, 0.2, "0.14",
            lambda r: _cpu_budget_why(r) + (
                "Two cores hold wrk, the balancer, both replicas and PostgreSQL. A replica is "
-               "CPU-bound Python (alone, it takes 0.98 of a core at about 3.7k req/s: 250-280 "
-               "CPU us per request), so a second replica on the same two cores adds nothing: "
-               "compare direct-1 with ours-2. pgbench -S gives both cores to PostgreSQL and a "
-               "C client.")),
+               "CPU-bound Python that takes about a core by itself, so a second replica on the "
+               "same two cores adds nothing: compare direct-1 with ours-2. pgbench -S gives "
+               "both cores to PostgreSQL and a C client.")),
 )
 
 

@@ -85,16 +85,23 @@ class _GetBatch:
         self.closed = False
 
 
-def _for_one_request(exc: BaseException) -> BaseException:
-    """What one member of a failed batch raises: an exception of its own, as each request
-    raises (and its traceback grows) in its own task."""
+class BatchedReadFailed(Exception):
+    """A batched read failed for a reason of its own (its ``__cause__``): answered 500."""
+
+
+def _for_one_request(exc: BaseException) -> Exception:
+    """What one member of a failed batch raises: an exception of its own, since each request
+    raises it (and its traceback grows) in its own task."""
+    own: Exception
     if isinstance(exc, DatabaseBusy | DatabaseUnavailable):
         own = type(exc)(*exc.args)
         own.__cause__ = exc.__cause__
-        return own
-    if isinstance(exc, Exception):
-        return exc
-    return DatabaseUnavailable("the service is shutting down")
+    elif isinstance(exc, Exception):
+        own = BatchedReadFailed(f"the batched read failed: {describe(exc)}")
+        own.__cause__ = exc
+    else:  # the batch was cancelled: only closing the database does that
+        own = DatabaseUnavailable("the service is shutting down")
+    return own
 
 
 def schema_sql() -> str:
@@ -401,7 +408,7 @@ class Database:
             batch = self._open_batch = _GetBatch()
             task = asyncio.create_task(self._read_batch(pool, batch), name="db-get-batch")
             self._batch_tasks.add(task)
-            task.add_done_callback(self._batch_tasks.discard)
+            task.add_done_callback(lambda task: self._batch_ended(task, batch))
         answer: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         batch.members.append((key, answer))
         self._reads_waiting += 1
@@ -415,6 +422,18 @@ class Database:
             if self._open_batch is batch:
                 self._open_batch = None
 
+    def _batch_ended(self, task: asyncio.Task[None], batch: _GetBatch) -> None:
+        """Whatever ended the task (even a cancel before it ever ran), no member waits on."""
+        self._batch_tasks.discard(task)
+        exc = None if task.cancelled() else task.exception()
+        self._fail_batch(batch, exc or asyncio.CancelledError())
+
+    def _fail_batch(self, batch: _GetBatch, exc: BaseException) -> None:
+        self._close_batch(batch)
+        for _, answer in batch.members:
+            if not answer.done():
+                answer.set_exception(_for_one_request(exc))
+
     async def _read_batch(self, pool: Pool, batch: _GetBatch) -> None:
         members = batch.members
 
@@ -422,14 +441,17 @@ class Database:
             if not batch.closed:  # not on the second try (after the schema was re-applied)
                 self._close_batch(batch)
                 self._read_batches += 1
-                self._batched_reads += len(members)
+                self._batched_reads += waiting()
             keys = list(dict.fromkeys(key for key, _ in members))
             if len(keys) == 1:
                 return {keys[0]: await conn.fetchval(SQL_GET, keys[0])}
             return {row[0]: row[1] for row in await conn.fetch(SQL_GET_MANY, keys)}
 
-        def error(kind: str) -> None:  # met by every request of the batch
-            for _ in members:
+        def waiting() -> int:  # members whose request still waits (not cancelled)
+            return sum(not answer.done() for _, answer in members)
+
+        def error(kind: str) -> None:  # met by every request still waiting
+            for _ in range(waiting()):
                 self._on_error(kind)
 
         cfg = self._config
@@ -451,13 +473,8 @@ class Database:
                                          acquire_timeout=max(deadline - loop.time(), 0.0))
             finally:
                 self._reads.release()
-        except BaseException as exc:
-            self._close_batch(batch)
-            for _, answer in members:
-                if not answer.done():
-                    answer.set_exception(_for_one_request(exc))
-            if not isinstance(exc, Exception):
-                raise
+        except Exception as exc:
+            self._fail_batch(batch, exc)
             return
         for key, answer in members:
             if not answer.done():

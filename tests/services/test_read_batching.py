@@ -109,6 +109,46 @@ async def test_a_full_batch_leaves_the_next_gets_to_another(
         assert await metric(http, service, "varstack_db_batched_reads_total") == count
 
 
+async def test_a_get_never_reads_older_than_a_write_acknowledged_before_it_was_sent(
+    postgres: Any, clean_db: asyncpg.Connection
+) -> None:
+    """One writer counts up, each edit acknowledged before the next; readers keep reading
+    (most of them batched). A read sent after version n was acknowledged returns n or later."""
+    await clean_db.execute("INSERT INTO public.variables VALUES ('counter', '0')")
+    async with run_service(config_for(postgres)) as service, aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0)
+    ) as http:
+        acknowledged = 0
+        done = asyncio.Event()
+        stale: list[tuple[int, int]] = []
+
+        async def writer() -> None:
+            nonlocal acknowledged
+            for version in range(1, 151):
+                async with http.put(f"{service.url}/edit_var",
+                                    json={"key": "counter", "value": version}) as r:
+                    assert r.status == 200
+                acknowledged = version
+            done.set()
+
+        async def reader() -> int:
+            reads = 0
+            while not done.is_set():
+                floor = acknowledged
+                async with http.get(f"{service.url}/get_var?key=counter") as r:
+                    assert r.status == 200
+                    seen = int(await r.text())
+                if seen < floor:
+                    stale.append((floor, seen))
+                reads += 1
+            return reads
+
+        results = await asyncio.gather(writer(), *(reader() for _ in range(24)))
+        assert stale == []
+        assert sum(r for r in results if r is not None) > 150
+        assert await metric(http, service, "varstack_db_batched_reads_total") > 0
+
+
 async def test_every_get_of_a_batch_that_waits_too_long_is_busy(
     postgres: Any, clean_db: asyncpg.Connection
 ) -> None:
@@ -135,7 +175,7 @@ async def test_every_get_of_a_batch_whose_statement_times_out_is_unavailable(
     postgres: Any, clean_db: asyncpg.Connection
 ) -> None:
     await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
-    config = config_for(postgres, pool_min_size=1, pool_max_size=1, db_command_timeout=1.0)
+    config = config_for(postgres, db_command_timeout=1.5)
     async with run_service(config) as service, aiohttp.ClientSession() as http:
 
         async def get(key: str) -> tuple[int, str]:
@@ -145,11 +185,12 @@ async def test_every_get_of_a_batch_whose_statement_times_out_is_unavailable(
         await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
         first = asyncio.ensure_future(get("k"))
         await wait_for_lock_waiter(clean_db)
-        waiting = [asyncio.ensure_future(get(f"k{i}")) for i in range(8)]
-        await wait_for_reads_waiting(service.database, 8)
-        assert await first == (503, "database unavailable")
+        waiting = [get(f"k{i}") for i in range(8)]
         assert await asyncio.gather(*waiting) == [(503, "database unavailable")] * 8
+        assert await first == (503, "database unavailable")
         assert await metric(http, service, 'varstack_db_errors_total{kind="timeout"}') == 9
+        # All eight were batched (in one batch, or two if the first timed out as they came).
+        assert await metric(http, service, "varstack_db_batched_reads_total") == 8
         await clean_db.execute("ROLLBACK")
         assert await get("k") == (200, "v")
 
@@ -242,6 +283,20 @@ async def test_closing_the_database_answers_a_waiting_batch_unavailable(
     assert len({id(r) for r in results}) == 5, "each request raises an exception of its own"
     with pytest.raises(DatabaseUnavailable):
         await database.get_var("k0")
+
+
+async def test_a_batch_cancelled_before_it_ran_answers_its_gets_unavailable(
+    database: Database,
+) -> None:
+    async with only_connection_held(database):
+        get = asyncio.ensure_future(database.get_var("k"))
+        await asyncio.sleep(0)  # the GET joins; the batch's task is scheduled, not yet run
+        assert database.read_batch_stats()[2] == 1
+        (batch_task,) = database._batch_tasks
+        batch_task.cancel()  # as close() may, before the task's first step
+        with pytest.raises(DatabaseUnavailable, match="shutting down"):
+            await asyncio.wait_for(get, 10)  # not a hang
+    assert database.read_batch_stats() == (0, 0, 0)
 
 
 async def test_a_get_over_the_waiting_limit_is_refused_not_batched(
