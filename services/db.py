@@ -336,9 +336,12 @@ class Database:
         try:
             try:
                 conn = await pool.acquire(timeout=acquire_timeout)
-            except PoolTimeout as exc:
+            except PoolTimeout:
                 error("busy")
-                raise DatabaseBusy(str(exc)) from None
+                # A batch's whole wait, its turn included, was the acquire timeout.
+                raise DatabaseBusy(
+                    f"no connection free within {cfg.pool_acquire_timeout:g}s"
+                ) from None
             except PoolClosing as exc:
                 error("unavailable")
                 raise DatabaseUnavailable(str(exc)) from None

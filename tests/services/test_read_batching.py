@@ -33,30 +33,45 @@ async def wait_for_reads_waiting(database: Database, count: int) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_gets_waiting_for_a_connection_are_read_in_one_statement(
+async def get_var(
+    http: aiohttp.ClientSession, service: RunningService, key: str = "k"
+) -> tuple[int, str]:
+    async with http.get(f"{service.url}/get_var", params={"key": key}) as r:
+        return r.status, await r.text()
+
+
+@contextlib.asynccontextmanager
+async def reads_blocked(
+    postgres: Any, clean_db: asyncpg.Connection, *, running: int = 1, **overrides: Any
+) -> AsyncIterator[tuple[RunningService, aiohttp.ClientSession, list[asyncio.Future[Any]]]]:
+    """The service (``overrides`` on its config), a client, and ``running`` GETs of ``k`` that
+    run into a lock ``clean_db`` holds on the table, so that GETs sent after them wait. The
+    test ends the lock (ROLLBACK) when it wants."""
+    async with run_service(config_for(postgres, **overrides)) as service, \
+            aiohttp.ClientSession() as http:
+        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+        first = [asyncio.ensure_future(get_var(http, service)) for _ in range(running)]
+        await wait_for_lock_waiter(clean_db, running)  # each on a statement of its own
+        yield service, http, first
+
+
+async def test_gets_waiting_for_their_turn_are_read_in_one_statement(
     postgres: Any, clean_db: asyncpg.Connection
 ) -> None:
     await clean_db.executemany(
         "INSERT INTO public.variables VALUES ($1, $2)",
-        [(f"k{i}", f"v{i}") for i in range(10)] + [("snow", "☃ \x01 'quoted'")],
+        [("k", "v")] + [(f"k{i}", f"v{i}") for i in range(10)] + [("snow", "☃ \x01 'quoted'")],
     )
-    async with run_service(config_for(postgres)) as service, aiohttp.ClientSession() as http:
-
-        async def get(key: str) -> tuple[int, str]:
-            async with http.get(f"{service.url}/get_var", params={"key": key}) as r:
-                return r.status, await r.text()
-
-        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
-        first = asyncio.ensure_future(get("k0"))  # the one read that runs (read_concurrency 1)
-        await wait_for_lock_waiter(clean_db)
+    async with reads_blocked(postgres, clean_db) as (service, http, first):
         keys = [f"k{i}" for i in range(10)] * 2 + [f"missing-{i}" for i in range(5)] + ["snow"]
-        waiting = [asyncio.ensure_future(get(key)) for key in keys]
+        waiting = [asyncio.ensure_future(get_var(http, service, key)) for key in keys]
         await wait_for_reads_waiting(service.database, len(keys))
-        # They wait for their turn, not for a connection: the pool has nine more.
+        # They wait for their turn (read_concurrency 1), not for a connection: the pool has
+        # nine more.
         assert service.database.pool_stats()[1] == 1
         await clean_db.execute("ROLLBACK")
         answers = await asyncio.gather(*waiting)
-        assert await first == (200, "v0")
+        assert await asyncio.gather(*first) == [(200, "v")]
         expected = [(200, f"v{i}") for i in range(10)] * 2 + [(404, "variable not found")] * 5
         assert answers == [*expected, (200, "☃ \x01 'quoted'")]
         assert await metric(http, service, "varstack_db_read_batches_total") == 1
@@ -68,17 +83,10 @@ async def test_read_concurrency_sets_how_many_gets_run_before_the_rest_wait(
     postgres: Any, clean_db: asyncpg.Connection
 ) -> None:
     await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
-    config = config_for(postgres, read_concurrency=3)
-    async with run_service(config) as service, aiohttp.ClientSession() as http:
-
-        async def get() -> tuple[int, str]:
-            async with http.get(f"{service.url}/get_var?key=k") as r:
-                return r.status, await r.text()
-
-        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
-        running = [asyncio.ensure_future(get()) for _ in range(3)]
-        await wait_for_lock_waiter(clean_db, 3)  # each of the three on its own
-        waiting = [asyncio.ensure_future(get()) for _ in range(5)]
+    async with reads_blocked(postgres, clean_db, running=3, read_concurrency=3) as (
+        service, http, running
+    ):
+        waiting = [asyncio.ensure_future(get_var(http, service)) for _ in range(5)]
         await wait_for_reads_waiting(service.database, 5)
         assert service.database.pool_stats()[1] == 3
         await clean_db.execute("ROLLBACK")
@@ -90,23 +98,57 @@ async def test_a_full_batch_leaves_the_next_gets_to_another(
     postgres: Any, clean_db: asyncpg.Connection
 ) -> None:
     await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
-    config = config_for(postgres, pool_min_size=1, pool_max_size=1)
-    async with run_service(config) as service, aiohttp.ClientSession() as http:
-
-        async def get() -> int:
-            async with http.get(f"{service.url}/get_var?key=k") as r:
-                return r.status
-
-        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
-        first = asyncio.ensure_future(get())
-        await wait_for_lock_waiter(clean_db)
+    async with reads_blocked(postgres, clean_db, pool_min_size=1, pool_max_size=1) as (
+        service, http, first
+    ):
         count = GET_BATCH_MAX_KEYS + 3
-        waiting = [asyncio.ensure_future(get()) for _ in range(count)]
+        waiting = [asyncio.ensure_future(get_var(http, service)) for _ in range(count)]
         await wait_for_reads_waiting(service.database, count)
         await clean_db.execute("ROLLBACK")
-        assert await asyncio.gather(first, *waiting) == [200] * (count + 1)
+        assert await asyncio.gather(*first, *waiting) == [(200, "v")] * (count + 1)
         assert await metric(http, service, "varstack_db_read_batches_total") == 2
         assert await metric(http, service, "varstack_db_batched_reads_total") == count
+
+
+@pytest.mark.parametrize(("overrides", "reason"), [
+    ({}, "the reads ahead took over 0.3s"),
+    # A second turn is free, but the only connection is not.
+    ({"read_concurrency": 2, "pool_min_size": 1, "pool_max_size": 1},
+     "no connection free within 0.3s"),
+], ids=["for-its-turn", "for-a-connection"])
+async def test_every_get_of_a_batch_that_waits_too_long_is_busy(
+    postgres: Any, clean_db: asyncpg.Connection, overrides: dict[str, int], reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+    async with reads_blocked(postgres, clean_db, pool_acquire_timeout=0.3, **overrides) as (
+        service, http, first
+    ):
+        answers = await asyncio.gather(*(get_var(http, service, f"k{i}") for i in range(10)))
+        assert answers == [(503, "database busy, retry later")] * 10
+        busy = [r.getMessage() for r in caplog.records if "database busy" in r.getMessage()]
+        assert busy == [f"GET /get_var: database busy: {reason}"] * 10
+        assert await metric(http, service, 'varstack_db_errors_total{kind="busy"}') == 10
+        await clean_db.execute("ROLLBACK")
+        assert await asyncio.gather(*first) == [(200, "v")]
+        assert await get_var(http, service) == (200, "v")  # the batch left nothing behind
+
+
+async def test_every_get_of_a_batch_whose_statement_times_out_is_unavailable(
+    postgres: Any, clean_db: asyncpg.Connection
+) -> None:
+    await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+    async with reads_blocked(postgres, clean_db, db_command_timeout=1.5) as (
+        service, http, first
+    ):
+        waiting = [get_var(http, service, f"k{i}") for i in range(8)]
+        assert await asyncio.gather(*waiting) == [(503, "database unavailable")] * 8
+        assert await asyncio.gather(*first) == [(503, "database unavailable")]
+        assert await metric(http, service, 'varstack_db_errors_total{kind="timeout"}') == 9
+        # All eight were batched (in one batch, or two if the first timed out as they came).
+        assert await metric(http, service, "varstack_db_batched_reads_total") == 8
+        await clean_db.execute("ROLLBACK")
+        assert await get_var(http, service) == (200, "v")
 
 
 async def test_a_get_never_reads_older_than_a_write_acknowledged_before_it_was_sent(
@@ -147,52 +189,6 @@ async def test_a_get_never_reads_older_than_a_write_acknowledged_before_it_was_s
         assert stale == []
         assert sum(r for r in results if r is not None) > 150
         assert await metric(http, service, "varstack_db_batched_reads_total") > 0
-
-
-async def test_every_get_of_a_batch_that_waits_too_long_is_busy(
-    postgres: Any, clean_db: asyncpg.Connection
-) -> None:
-    await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
-    config = config_for(postgres, pool_min_size=1, pool_max_size=1, pool_acquire_timeout=0.3)
-    async with run_service(config) as service, aiohttp.ClientSession() as http:
-
-        async def get(key: str) -> tuple[int, str]:
-            async with http.get(f"{service.url}/get_var", params={"key": key}) as r:
-                return r.status, await r.text()
-
-        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
-        first = asyncio.ensure_future(get("k"))
-        await wait_for_lock_waiter(clean_db)
-        answers = await asyncio.gather(*(get(f"k{i}") for i in range(10)))
-        assert answers == [(503, "database busy, retry later")] * 10
-        assert await metric(http, service, 'varstack_db_errors_total{kind="busy"}') == 10
-        await clean_db.execute("ROLLBACK")
-        assert await first == (200, "v")
-        assert await get("k") == (200, "v")  # the batch left nothing behind
-
-
-async def test_every_get_of_a_batch_whose_statement_times_out_is_unavailable(
-    postgres: Any, clean_db: asyncpg.Connection
-) -> None:
-    await clean_db.execute("INSERT INTO public.variables VALUES ('k', 'v')")
-    config = config_for(postgres, db_command_timeout=1.5)
-    async with run_service(config) as service, aiohttp.ClientSession() as http:
-
-        async def get(key: str) -> tuple[int, str]:
-            async with http.get(f"{service.url}/get_var", params={"key": key}) as r:
-                return r.status, await r.text()
-
-        await clean_db.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
-        first = asyncio.ensure_future(get("k"))
-        await wait_for_lock_waiter(clean_db)
-        waiting = [get(f"k{i}") for i in range(8)]
-        assert await asyncio.gather(*waiting) == [(503, "database unavailable")] * 8
-        assert await first == (503, "database unavailable")
-        assert await metric(http, service, 'varstack_db_errors_total{kind="timeout"}') == 9
-        # All eight were batched (in one batch, or two if the first timed out as they came).
-        assert await metric(http, service, "varstack_db_batched_reads_total") == 8
-        await clean_db.execute("ROLLBACK")
-        assert await get("k") == (200, "v")
 
 
 # -- on the Database itself: a test holds the pool's only connection ---------------------
