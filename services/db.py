@@ -72,8 +72,9 @@ class DatabaseBusy(Exception):
 
 T = TypeVar("T")
 
-#: GETs read in one statement at most: a batch this full lets the next GET start another.
+#: GETs in one batch at most (one statement): a batch this full lets the next GET open another.
 GET_BATCH_MAX_KEYS = 64
+
 
 class _GetBatch:
     """The GETs of one batch: each key with the future its request awaits."""

@@ -34,7 +34,7 @@ class _ReadBatchCollector(Collector):
         batches, reads, waiting = self._stats()
         yield CounterMetricFamily(
             "varstack_db_read_batches",
-            "Statements that read the keys of the GETs that waited for a connection together.",
+            "Statements that read, at once, the keys of the GETs that waited together.",
             value=batches,
         )
         yield CounterMetricFamily(
