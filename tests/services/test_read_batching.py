@@ -15,8 +15,9 @@ import asyncpg
 import pytest
 
 from services.db import GET_BATCH_MAX_KEYS, Database, DatabaseBusy, DatabaseUnavailable
+from stack.pg import EmbeddedPostgres
 from tests.services.conftest import RunningService, config_for, run_service
-from tests.services.test_database_faults import wait_for_lock_waiter
+from tests.services.test_database_faults import service_on, wait_for_lock_waiter
 
 
 async def metric(http: aiohttp.ClientSession, service: RunningService, name: str) -> float:
@@ -189,6 +190,28 @@ async def test_a_get_never_reads_older_than_a_write_acknowledged_before_it_was_s
         assert stale == []
         assert sum(r for r in results if r is not None) > 150
         assert await metric(http, service, "varstack_db_batched_reads_total") > 0
+
+
+async def test_a_database_killed_under_a_waiting_batch_is_503_for_all_then_heals(
+    own_postgres: EmbeddedPostgres,
+) -> None:
+    async with service_on(own_postgres) as service, aiohttp.ClientSession() as http:
+        locker = await asyncpg.connect(own_postgres.dsn)
+        await locker.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+        await locker.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+        first = asyncio.ensure_future(get_var(http, service))
+        await wait_for_lock_waiter(locker)
+        waiting = [asyncio.ensure_future(get_var(http, service)) for _ in range(6)]
+        await wait_for_reads_waiting(service.database, 6)
+        await asyncio.to_thread(own_postgres.kill)
+        assert await asyncio.gather(first, *waiting) == [(503, "database unavailable")] * 7
+        locker.terminate()
+        await asyncio.to_thread(own_postgres.start)
+        # The service reconnects by itself; the row was committed before the kill.
+        async with asyncio.timeout(30):
+            while await get_var(http, service) != (200, "v"):
+                await asyncio.sleep(0.05)
+        assert service.database.read_batch_stats()[2] == 0
 
 
 # -- on the Database itself: a test holds the pool's only connection ---------------------
