@@ -72,6 +72,10 @@ class DatabaseBusy(Exception):
 
 T = TypeVar("T")
 
+#: With addresses from an earlier lookup of PGSQL_HOST, how long a new connection waits for a
+#: fresh lookup before it uses them.
+LOOKUP_GRACE = 0.25
+
 #: GETs in one batch at most (one statement): a batch this full lets the next GET open another.
 GET_BATCH_MAX_KEYS = 64
 
@@ -182,6 +186,8 @@ class Database:
         # and must not make a balancer take every replica out under load.
         self._health_conn: asyncpg.Connection | None = None
         self._health_lock = asyncio.Lock()
+        self._lookup: asyncio.Future[list[str]] | None = None
+        self._known_addresses: list[str] | None = None
         self._on_error = on_error or (lambda kind: None)
         self.last_error = "not connected yet"
         self.ready = asyncio.Event()
@@ -221,12 +227,44 @@ class Database:
             )
             return
 
+    async def _addresses(self) -> list[str]:
+        """``PGSQL_HOST``'s addresses, looked up once at a time.
+
+        Each new connection starts a lookup unless one is under way. Once a lookup has
+        answered, a new connection waits at most ``LOOKUP_GRACE`` for a fresh answer, then
+        uses the last one: a resolver that stalls (podman's aardvark-dns while it reloads)
+        neither holds connections up nor piles up lookups. (Each lookup keeps one of the
+        loop's few resolver threads until the resolver gives up, even after its caller did: in
+        an e2e run, health checks that each started one kept a replica's /healthcheck timing
+        out for over 45 s after a reload.)
+        """
+        cfg = self._config
+        lookup = self._lookup
+        if lookup is None:
+            lookup = self._lookup = asyncio.ensure_future(
+                resolve_host(cfg.pg_host, cfg.pg_port, timeout=cfg.db_connect_timeout)
+            )
+            lookup.add_done_callback(self._looked_up)
+        known = self._known_addresses
+        if known is None:
+            return await asyncio.shield(lookup)
+        try:
+            async with asyncio.timeout(LOOKUP_GRACE):
+                return await asyncio.shield(lookup)
+        except (TimeoutError, NameLookupError):
+            return known
+
+    def _looked_up(self, lookup: asyncio.Future[list[str]]) -> None:
+        self._lookup = None
+        if not lookup.cancelled() and lookup.exception() is None:
+            self._known_addresses = lookup.result()
+
     async def _open_connection(self) -> asyncpg.Connection:
         """A new connection, within ``db_connect_timeout`` for the name lookup and the connect."""
         cfg = self._config
         loop = asyncio.get_running_loop()
         deadline = loop.time() + cfg.db_connect_timeout
-        hosts = await resolve_host(cfg.pg_host, cfg.pg_port, timeout=cfg.db_connect_timeout)
+        hosts = await self._addresses()
         return await asyncpg.connect(
             host=hosts,
             port=cfg.pg_port,
@@ -273,6 +311,11 @@ class Database:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._connector
             self._connector = None
+        lookup = self._lookup
+        if lookup is not None:
+            lookup.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await lookup
         if self._health_conn is not None:
             self._health_conn.terminate()
             self._health_conn = None
