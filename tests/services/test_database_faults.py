@@ -55,6 +55,19 @@ async def test_starts_before_the_database_exists_and_heals_itself(
 
 
 @contextlib.asynccontextmanager
+async def table_locked(pg: EmbeddedPostgres) -> AsyncIterator[asyncpg.Connection]:
+    """A connection that stored ('k', 'v') and holds the table locked in a transaction, until
+    the block ends (or the database it talks to is killed)."""
+    locker = await asyncpg.connect(pg.dsn)
+    try:
+        await locker.execute("INSERT INTO public.variables VALUES ('k', 'v')")
+        await locker.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+        yield locker
+    finally:
+        locker.terminate()
+
+
+@contextlib.asynccontextmanager
 async def service_on(pg: EmbeddedPostgres, **overrides: Any) -> AsyncIterator[RunningService]:
     await asyncio.to_thread(pg.start)
     async with run_service(config_for(pg, **overrides)) as service:
@@ -93,10 +106,8 @@ async def test_database_restart_gives_503_then_recovers_without_restart(
 async def test_database_killed_mid_request_is_503_not_500(
     own_postgres: EmbeddedPostgres,
 ) -> None:
-    async with service_on(own_postgres) as service, aiohttp.ClientSession() as http:
-        locker = await asyncpg.connect(own_postgres.dsn)
-        await locker.execute("INSERT INTO public.variables VALUES ('k', 'v')")
-        await locker.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
+    async with service_on(own_postgres) as service, aiohttp.ClientSession() as http, \
+            table_locked(own_postgres) as locker:
         request = asyncio.ensure_future(
             http.put(f"{service.url}/edit_var", json={"key": "k", "value": "w"})
         )
@@ -106,7 +117,6 @@ async def test_database_killed_mid_request_is_503_not_500(
         assert response.status == 503
         assert await response.text() == "database unavailable"
         response.release()
-        locker.terminate()
 
 
 async def wait_for_lock_waiter(conn: asyncpg.Connection, count: int = 1) -> None:

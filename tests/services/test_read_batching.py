@@ -17,7 +17,11 @@ import pytest
 from services.db import GET_BATCH_MAX_KEYS, Database, DatabaseBusy, DatabaseUnavailable
 from stack.pg import EmbeddedPostgres
 from tests.services.conftest import RunningService, config_for, run_service
-from tests.services.test_database_faults import service_on, wait_for_lock_waiter
+from tests.services.test_database_faults import (
+    service_on,
+    table_locked,
+    wait_for_lock_waiter,
+)
 
 
 async def metric(http: aiohttp.ClientSession, service: RunningService, name: str) -> float:
@@ -196,16 +200,13 @@ async def test_a_database_killed_under_a_waiting_batch_is_503_for_all_then_heals
     own_postgres: EmbeddedPostgres,
 ) -> None:
     async with service_on(own_postgres) as service, aiohttp.ClientSession() as http:
-        locker = await asyncpg.connect(own_postgres.dsn)
-        await locker.execute("INSERT INTO public.variables VALUES ('k', 'v')")
-        await locker.execute("BEGIN; LOCK TABLE public.variables IN ACCESS EXCLUSIVE MODE")
-        first = asyncio.ensure_future(get_var(http, service))
-        await wait_for_lock_waiter(locker)
-        waiting = [asyncio.ensure_future(get_var(http, service)) for _ in range(6)]
-        await wait_for_reads_waiting(service.database, 6)
-        await asyncio.to_thread(own_postgres.kill)
-        assert await asyncio.gather(first, *waiting) == [(503, "database unavailable")] * 7
-        locker.terminate()
+        async with table_locked(own_postgres) as locker:
+            first = asyncio.ensure_future(get_var(http, service))
+            await wait_for_lock_waiter(locker)
+            waiting = [asyncio.ensure_future(get_var(http, service)) for _ in range(6)]
+            await wait_for_reads_waiting(service.database, 6)
+            await asyncio.to_thread(own_postgres.kill)
+            assert await asyncio.gather(first, *waiting) == [(503, "database unavailable")] * 7
         await asyncio.to_thread(own_postgres.start)
         # The service reconnects by itself; the row was committed before the kill.
         async with asyncio.timeout(30):
