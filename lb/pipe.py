@@ -6,6 +6,10 @@ mark, its ``pause_writing`` pauses reading on the other side (backpressure both 
 by the buffer limits).  No task lives per connection once it is piped: the only task is the connect
 step, and the idle and half-close timeouts are two timers shared by every pipe.
 
+From its second chunk on, a direction is handed to the event loop (:class:`_HandedOff`): its
+transport calls the other side's ``write`` itself, with no Python frame per chunk.  The byte
+counts and the activity that the Python callbacks kept are then read from the kernel.
+
 This module is the hot path: it imports the backend state and nothing from health, discovery or
 admin code.
 """
@@ -35,9 +39,19 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _TICKS: Final = 4
 #: At most one log line per this many seconds about this process running out of resources.
 _LOCAL_ERROR_LOG_INTERVAL: Final = 10.0
-#: Linux's SIOCOUTQ (the same number as TIOCOUTQ): bytes in a TCP socket's send queue, not yet
-#: acknowledged by the peer.
-_SIOCOUTQ: Final = termios.TIOCOUTQ if sys.platform.startswith("linux") else None
+#: Linux counts the bytes of each TCP socket: struct tcp_info holds tcpi_bytes_acked (bytes the
+#: peer acknowledged) and tcpi_bytes_received (bytes received in order), two u64 from byte 120
+#: (kernel 4.2 on).  Without these counts no direction is handed to the event loop.
+_KERNEL_COUNTS: Final = sys.platform.startswith("linux") and hasattr(socket, "TCP_INFO")
+_TCP_INFO_BYTES: Final = struct.Struct("=QQ")
+_TCP_INFO_BYTES_AT: Final = 120
+_TCP_INFO_LENGTH: Final = _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size
+#: tcpi_bytes_received counts the peer's FIN as a byte. It has come in these states (tcpi_state,
+#: byte 0: TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING), or once the EOF was read, as a socket
+#: closed both ways reports CLOSE.
+_FIN_RECEIVED_STATES: Final = frozenset({6, 8, 9, 11})
+#: SIOCINQ (FIONREAD on a TCP socket): bytes received, not read yet.
+_SIOCINQ: Final = termios.FIONREAD
 
 
 class Relay:
@@ -90,6 +104,12 @@ class Relay:
             loop, min(half_close_timeout, idle_timeout), "half-close timeout"
         )
 
+    def stop_timeouts(self) -> None:
+        """No more idle or half-close ticks: the drain's last look at activity (see
+        :meth:`Pipe.forget_activity`) must not be taken by a tick meanwhile."""
+        self.idle_sweep.stop()
+        self.half_close_sweep.stop()
+
     def log_local_error(self, address: str, exc: OSError) -> None:
         """Out of descriptors or memory hits every client at once: one line per interval."""
         now = self.loop.time()
@@ -113,10 +133,10 @@ class Pipe(asyncio.Protocol):
         "_connect_expired",
         "_connector",
         "_done",
-        "_held",
         "_idle_ticks",
         "_pending",
         "_redispatched",
+        "_seen",
         "_sweep",
         "_upstream_full",
         "backend",
@@ -157,8 +177,8 @@ class Pipe(asyncio.Protocol):
         self._sweep: _Sweep | None = None
         self._active = False
         self._idle_ticks = 0
-        #: Bytes on their way out at the last silent tick (-1: not looked at since activity).
-        self._held = -1
+        #: The kernel's byte counts at the last look (see _movement); None: not looked at yet.
+        self._seen: int | None = None
         self._client_full = False
         self._upstream_full = False
         self._closing = False
@@ -190,6 +210,9 @@ class Pipe(asyncio.Protocol):
                 # or a client could push without limit while the connect is pending.
                 self.client.pause_reading()  # type: ignore[union-attr]  # set in connection_made
             return
+        if self.bytes_to_backend and _KERNEL_COUNTS:  # the second chunk: a stream
+            self.client.set_protocol(  # type: ignore[union-attr]  # set in connection_made
+                _HandedOff(upstream.write, self))
         self.bytes_to_backend += len(data)
         self._active = True
         try:
@@ -418,8 +441,10 @@ class Pipe(asyncio.Protocol):
         (held in a buffer here, held back from a peer that does not read, or moving since the
         last tick or :meth:`forget_activity`) the peers get an RST: a cut-short answer never
         looks whole. A quiet connection is closed."""
-        in_flight = (self._active or self._client_full or self._upstream_full or any(
-            t.get_write_buffer_size() for t in (self.client, self.upstream) if t is not None))
+        in_flight = (
+            self._active or self._client_full or self._upstream_full
+            or any(t.get_write_buffer_size() for t in (self.client, self.upstream) if t is not None)
+            or (self._seen is not None and self._movement() != self._seen))
         self._abort(why, reset=in_flight)
 
     def _ending(self, why: str) -> tuple[asyncio.Transport, ...]:
@@ -429,6 +454,7 @@ class Pipe(asyncio.Protocol):
             return ()
         self._closing = True
         self.end = why
+        self._count_handed_off()  # before the sockets close
         self._cancel_timer()
         if self._connector is not None:
             self._connector.cancel()
@@ -445,6 +471,30 @@ class Pipe(asyncio.Protocol):
     def forget_activity(self) -> None:
         """Start a new look at whether bytes move, which :meth:`shutdown` then asks."""
         self._active = False
+        self._seen = self._movement()
+
+    def refresh_counts(self) -> None:
+        """Bring :attr:`bytes_to_backend` and :attr:`bytes_to_client` up to date: a direction
+        handed to the event loop counts nothing until asked (once closing, they are final)."""
+        if not self._closing:
+            self._count_handed_off()
+
+    def _count_handed_off(self) -> None:
+        """A handed-off direction passed on every byte read from its socket, and the kernel
+        counts those: bytes received, less those not read yet."""
+        client, upstream = self.client, self.upstream
+        if client is not None and isinstance(client.get_protocol(), _HandedOff):
+            read = _bytes_read(client, eof_read=self.client_eof)
+            if read is not None:
+                self.bytes_to_backend = read
+        if upstream is not None and isinstance(upstream.get_protocol(), _HandedOff):
+            read = _bytes_read(upstream, eof_read=self.upstream_eof)
+            if read is not None:
+                self.bytes_to_client = read
+
+    def _movement(self) -> int:
+        """A number that changes whenever bytes move through either socket (see _moved)."""
+        return _moved(self.client) + _moved(self.upstream)
 
     def _maybe_done(self) -> None:
         if self._done or self.client_open or self.upstream_open or self._connector is not None:
@@ -491,34 +541,30 @@ class Pipe(asyncio.Protocol):
     def _tick(self, sweep: _Sweep) -> None:
         """One tick of the shared timer of ``sweep``.
 
-        Activity is a chunk received (a flag, nothing more per chunk) or, when none came, a
-        peer taking bytes: what this process holds on their way out (write buffers and the
-        kernel's send queues) shrank since the last tick. Nothing is added to those without a
-        chunk received, so a slow reader draining them counts as traffic, while one that takes
-        nothing, its buffers full, is still silence."""
+        Activity is a chunk that passed through Python (a flag, nothing more per chunk) or
+        bytes the kernel counted since the last tick: received on either socket (a handed-off
+        direction's chunks), or acknowledged by a peer. So a slow reader draining the buffers
+        counts as traffic, while one that takes nothing, its buffers full, is still silence."""
         if self._closing:
             self._cancel_timer()
             return
-        if self._active:
-            self._active = False
+        seen = self._movement()
+        moved = self._active or seen != self._seen
+        self._active = False
+        self._seen = seen
+        if moved:
             self._idle_ticks = 0
-            self._held = -1
             return
-        held = _held(self.client) + _held(self.upstream)
-        if held < self._held:
-            self._idle_ticks = 0
-        else:
-            self._idle_ticks += 1
-            if self._idle_ticks >= _TICKS:
-                self._cut(sweep.why)
-        self._held = held
+        self._idle_ticks += 1
+        if self._idle_ticks >= _TICKS:
+            self._cut(sweep.why)
 
 
 class _Sweep:
     """The pipes that share one timeout, and the one timer that ticks them all ``_TICKS`` times
     per timeout while any are watched."""
 
-    __slots__ = ("_handle", "loop", "pipes", "tick", "why")
+    __slots__ = ("_handle", "_stopped", "loop", "pipes", "tick", "why")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, why: str) -> None:
         self.loop = loop
@@ -527,11 +573,18 @@ class _Sweep:
         #: A dict used as a set: about 30 bytes per entry where a set takes 100 at 5,000.
         self.pipes: dict[Pipe, None] = {}
         self._handle: asyncio.TimerHandle | None = None
+        self._stopped = False
 
     def add(self, pipe: Pipe) -> None:
         self.pipes[pipe] = None
-        if self._handle is None:
+        if self._handle is None and not self._stopped:
             self._handle = self.loop.call_later(self.tick, self._run)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
     def _run(self) -> None:
         self._handle = None
@@ -573,10 +626,14 @@ class _Upstream(asyncio.Protocol):
         if pipe is None:
             self._early.append(data)  # type: ignore[union-attr]  # None only once attached
             return
+        client = pipe.client
+        if pipe.bytes_to_client and _KERNEL_COUNTS:  # the second chunk: a stream
+            pipe.upstream.set_protocol(  # type: ignore[union-attr]  # set before attaching
+                _HandedOff(client.write, self))  # type: ignore[union-attr]
         pipe.bytes_to_client += len(data)
         pipe._active = True
         try:
-            pipe.client.write(data)  # type: ignore[union-attr]  # set before any attach
+            client.write(data)  # type: ignore[union-attr]  # set before any attach
         except RuntimeError:  # uvloop: the handle closed before connection_lost arrived
             pipe._abort("client reset", reset=True)
 
@@ -603,18 +660,83 @@ class _Upstream(asyncio.Protocol):
             self._pipe.upstream_lost(exc)
 
 
-def _held(transport: asyncio.Transport | None) -> int:
-    """Bytes on their way out through ``transport``: its write buffer, and (on Linux) those in
-    the kernel's send queue that the peer has not acknowledged yet."""
+class _HandedOff(asyncio.Protocol):
+    """One direction of a pipe, handed to the event loop: its transport calls the other side's
+    ``write`` with each chunk itself (a C call under uvloop), and passes every other event on
+    to the protocol it replaced.
+
+    A direction is handed off at its second chunk, so a connection carrying one request and
+    one answer never pays for the switch. The target's ``write`` never raises here: a target
+    that is closing drops the bytes, its EOF follows only the source's own EOF, and its handle
+    closes only after its ``connection_lost``, which closes this transport too.
+    """
+
+    __slots__ = ("data_received", "protocol")
+
+    data_received: Callable[[bytes], None]  # type: ignore[assignment]  # a slot: any callable
+
+    def __init__(self, write: Callable[[bytes], None], protocol: asyncio.Protocol) -> None:
+        self.data_received = write
+        self.protocol = protocol
+
+    def eof_received(self) -> bool | None:
+        return self.protocol.eof_received()
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.connection_lost(exc)
+
+
+def _socket(transport: asyncio.BaseTransport) -> socket.socket | None:
+    return cast("socket.socket | None", transport.get_extra_info("socket"))
+
+
+def _tcp_info(sock: socket.socket) -> tuple[int, int, int] | None:
+    """The kernel's (state, bytes acknowledged by the peer, bytes received) of a TCP socket;
+    both counts take the SYN and FIN for a byte each."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+    except (OSError, ValueError):  # closed meanwhile
+        return None
+    if len(info) < _TCP_INFO_LENGTH:  # a kernel older than 4.2
+        return None
+    acked, received = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
+    return info[0], acked, received
+
+
+def _bytes_read(transport: asyncio.BaseTransport, *, eof_read: bool) -> int | None:
+    """Bytes this process has read from ``transport``'s socket: received, less what waits
+    unread, less the FIN."""
+    sock = _socket(transport)
+    info = _tcp_info(sock) if sock is not None else None
+    if sock is None or info is None:
+        return None
+    state, _, received = info
+    try:
+        unread = struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCINQ, b"\0" * 4))[0]
+    except (OSError, ValueError):
+        return None
+    fin = 1 if eof_read or state in _FIN_RECEIVED_STATES else 0
+    return int(received - unread - fin)
+
+
+def _moved(transport: asyncio.Transport | None) -> int:
+    """A number that changes whenever bytes move through ``transport``: on Linux, the kernel's
+    bytes received plus bytes acknowledged by the peer; elsewhere (where nothing is handed
+    off), minus what waits in the write buffer, which shrinks as the peer takes bytes."""
     if transport is None:
         return 0
-    held = transport.get_write_buffer_size()
-    if _SIOCOUTQ is not None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError, ValueError):  # closed meanwhile
-                held += struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0" * 4))[0]
-    return held
+    if _KERNEL_COUNTS:
+        sock = _socket(transport)
+        info = _tcp_info(sock) if sock is not None else None
+        if info is not None:
+            return info[1] + info[2]
+    return -transport.get_write_buffer_size()
 
 
 def _linger_reset(transport: asyncio.Transport) -> None:

@@ -214,6 +214,8 @@ class Server:
                                 len(self.pipes))
                 # A last look, so that "bytes moving" means now: a keep-alive connection
                 # answered a while ago is quiet and gets a FIN, not an RST.
+                if self._relay is not None:
+                    self._relay.stop_timeouts()
                 for pipe in self.pipes:
                     pipe.forget_activity()
                 with contextlib.suppress(TimeoutError):
@@ -348,6 +350,7 @@ class Server:
         live: dict[int, tuple[int, int]] = {}
         live_up = live_down = 0
         for pipe in self.pipes:
+            pipe.refresh_counts()
             live_up += pipe.bytes_to_backend
             live_down += pipe.bytes_to_client
             if pipe.backend is not None:

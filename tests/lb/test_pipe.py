@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from lb.pipe import _HandedOff
 from tests.lb.lbkit import (
     BannerBackend,
     Blackhole,
@@ -129,6 +130,45 @@ async def test_backend_reset_reaches_client() -> None:
         assert b"partial answer".startswith(got)
         await close(writer)
         await eventually(lambda: not lb.pipes)
+
+
+@pytest.mark.parametrize("ending", ["eof", "reset"])
+async def test_a_stream_handed_to_the_event_loop_is_still_counted_to_the_byte(
+    ending: str,
+) -> None:
+    """From its second chunk a direction is passed on by the event loop alone, and its bytes
+    are counted by the kernel instead: the stats stay exact while it is open and once it ends
+    (the FIN, which the kernel counts as a byte, is not one)."""
+    async with EchoBackend() as echo, running_lb(lb_config(echo.address)) as lb:
+        reader, writer = await connect(lb.port)
+        sent = 0
+
+        async def echoes(sizes: range) -> None:
+            nonlocal sent
+            for i in sizes:
+                payload = bytes([i]) * (i * 997)
+                writer.write(payload)
+                assert await reader.readexactly(len(payload)) == payload
+                sent += len(payload)
+
+        await echoes(range(1, 40))
+        (pipe,) = lb.pipes
+        assert isinstance(pipe.client.get_protocol(), _HandedOff)
+        assert isinstance(pipe.upstream.get_protocol(), _HandedOff)
+        live = lb.stats()["backends"][0]
+        assert (live["bytes_to_backend"], live["bytes_to_client"]) == (sent, sent)
+        await echoes(range(40, 60))  # counted only by the kernel, and read at the end
+        if ending == "eof":
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        else:
+            reset(writer)
+        await close(writer)
+        await eventually(lambda: not lb.pipes)
+        done = lb.stats()
+    assert (done["backends"][0]["bytes_to_backend"], done["backends"][0]["bytes_to_client"]) \
+        == (sent, sent)
+    assert (done["totals"]["bytes_to_backend"], done["totals"]["bytes_to_client"]) == (sent, sent)
 
 
 async def test_large_transfer_both_ways_is_byte_exact_with_bounded_buffers() -> None:
