@@ -197,10 +197,15 @@ def _stat_fields(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process so far (from /proc/<pid>/stat)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system (kernel) CPU seconds of one process so far (from /proc/<pid>/stat)."""
     fields = _stat_fields(pid)
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far."""
+    return sum(cpu_times(pid))
 
 
 def tree_cpu_seconds(pid: int) -> float:

@@ -26,32 +26,52 @@ class Target:
         return self.why(results) if callable(self.why) else self.why
 
 
-_KERNEL_BOUND = (
-    "Per request the balancer makes the same system calls as HAProxy (strace -c: 4.1 each, two "
-    "reads and two writes), and the kernel time is close (25-37 against 23-30 CPU ms per 1,000 "
-    "requests). The gap is user time, about 5.5 ms per 1,000 against HAProxy's 2.3: uvloop's "
-    "transport layer and the pipe's two Python callbacks around each read and write."
-)
+def _user_kernel(r: Results, metric: str) -> str:
+    """This run's user and kernel CPU of ours and HAProxy (empty if the run did not split it)."""
+    parts = [summarize(r.get(f"{metric}_{kind}_ms_per_1k", variant))
+             for variant in ("ours", "haproxy") for kind in ("user", "kernel")]
+    if any(p is None for p in parts):
+        return ""
+    ours_user, ours_kernel, h_user, h_kernel = (p.median for p in parts if p is not None)
+    return (f"In this run the balancer spent {fmt_num(ours_user)} CPU ms of user time and "
+            f"{fmt_num(ours_kernel)} in the kernel per 1,000, HAProxy {fmt_num(h_user)} and "
+            f"{fmt_num(h_kernel)} (medians; the table under part 1 has the spread). ")
+
+
+def _keep_alive_why(r: Results) -> str:
+    return _user_kernel(r, "ka") + (
+        "Per request both make the same system calls (strace -c: two reads and two writes), "
+        "and they are nearly all of the balancer's time: py-spy --native puts 94% of its "
+        "samples in write, read and epoll_pwait. From its second chunk each direction is "
+        "piped by uvloop itself, with no Python frame per chunk, which cut the user time by "
+        "about a quarter (3.3 to 2.6 CPU ms per 1,000, A/B); what is left of it is uvloop's "
+        "transport layer. The kernel time moves by more than that from round to round.")
+
+
+def _new_connection_why(r: Results) -> str:
+    return _user_kernel(r, "close") + (
+        "strace -c counts 28 system calls per connection against HAProxy's 17.7: uvloop asks "
+        "each new transport's getsockname and getpeername (4) and the connect's SO_ERROR (1), "
+        "libuv changes epoll interest 8 times where HAProxy does 3 (two of them fail with "
+        "EEXIST or ENOENT), and the half-close is passed on with shutdown (1). py-spy splits "
+        "the user time into uvloop and libuv (39%), the interpreter (28%), the pipe's own "
+        "Python (15%) and the weak references uvloop and asyncio keep of every transport and "
+        "task (10%). Letting libuv batch epoll changes through io_uring (`LB_IO_URING=on`) "
+        "costs a few per cent more.")
+
 
 TARGETS: tuple[Target, ...] = (
     Target("balancer keep-alive req/s ÷ HAProxy's", "≥ 1.0",
            lambda r: r.ratios("ka_rps", "ours", "haproxy"), True, 1.0, "0.91",
-           _KERNEL_BOUND),
+           _keep_alive_why),
     Target("balancer new-connection-per-request req/s ÷ HAProxy's", "≥ 0.75",
            lambda r: r.ratios("close_rps", "ours", "haproxy"), True, 0.75, "0.57",
-           "Per connection the balancer spends about 310 CPU us (200 kernel, 110 user) against "
-           "HAProxy's 170 (150 kernel, 20 user). strace -c counts 26 system calls against 17.8: "
-           "uvloop asks each transport's getsockname and getpeername (4), libuv changes epoll "
-           "interest 6 times (HAProxy 3), and the half-close is passed on with shutdown (1) "
-           "where HAProxy closes. py-spy splits the user time into uvloop and libuv (39%), the "
-           "interpreter (28%), the pipe's own Python (15%) and the weak references uvloop and "
-           "asyncio keep of every transport and task (10%). Letting libuv batch epoll changes "
-           "through io_uring (`LB_IO_URING=on`) costs a few per cent more."),
+           _new_connection_why),
     Target("balancer bulk MiB/s ÷ HAProxy's tuned (splice-auto, bufsize 65536)", "≥ 1.0",
            lambda r: r.ratios("bulk_mib_s", "ours", "haproxy-tuned"), True, 1.0, "1.25"),
     Target("balancer CPU per 1,000 keep-alive requests ÷ HAProxy's", "≤ 1.0",
            lambda r: r.ratios("ka_cpu_ms_per_1k", "ours", "haproxy"), False, 1.0, "1.2",
-           _KERNEL_BOUND),
+           _keep_alive_why),
     Target("balancer RSS per idle proxied connection (KiB)", "≤ 3 KiB",
            lambda r: r.get("idle_kib_per_conn", "ours"), False, 3.0, "2.9",
            "Most of it is uvloop's: two transports and two libuv handles per proxied connection. "
@@ -158,7 +178,11 @@ def balancer_section(results: Results) -> list[str]:
         ("new connection per request, wrk -c64 `Connection: close`", "close_rps", "req/s"),
         ("bulk, 16 MiB body, wrk -c4", "bulk_mib_s", "MiB/s"),
         ("proxy CPU per 1,000 keep-alive requests", "ka_cpu_ms_per_1k", "CPU ms"),
+        ("… of it user time", "ka_user_ms_per_1k", "CPU ms"),
+        ("… of it kernel time", "ka_kernel_ms_per_1k", "CPU ms"),
         ("proxy CPU per 1,000 new connections", "close_cpu_ms_per_1k", "CPU ms"),
+        ("… of it user time", "close_user_ms_per_1k", "CPU ms"),
+        ("… of it kernel time", "close_kernel_ms_per_1k", "CPU ms"),
         ("proxy CPU per GiB of bulk", "bulk_cpu_s_per_gib", "CPU s"),
         ("backend (nginx) CPU per 1,000 keep-alive requests", "ka_backend_cpu_ms_per_1k",
          "CPU ms"),

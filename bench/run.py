@@ -107,12 +107,24 @@ def rotate(items: Sequence[str], round_no: int) -> list[str]:
     return order if round_no % 2 == 0 else order[::-1]
 
 
-def _wrk_with_cpu(url: str, *procs: Proc, **wrk_args: Any) -> tuple[load.LoadResult, list[float]]:
-    """One wrk run against ``url``, and the CPU seconds each of ``procs`` spent during it."""
-    before = [load.cpu_seconds(proc.pid) for proc in procs]
+def _wrk_with_cpu(url: str, *procs: Proc,
+                  **wrk_args: Any) -> tuple[load.LoadResult, list[tuple[float, float]]]:
+    """One wrk run against ``url``, and the (user, kernel) CPU seconds each of ``procs`` spent
+    during it."""
+    before = [load.cpu_times(proc.pid) for proc in procs]
     res = load.run_wrk(url, **wrk_args)
-    spent = [load.cpu_seconds(proc.pid) - cpu0 for proc, cpu0 in zip(procs, before, strict=True)]
-    return res, spent
+    after = [load.cpu_times(proc.pid) for proc in procs]
+    return res, [(u1 - u0, s1 - s0) for (u0, s0), (u1, s1) in zip(before, after, strict=True)]
+
+
+def _record_cpu(results: Results, metric: str, variant: str, spent: tuple[float, float],
+                requests: int) -> float:
+    """The proxy's CPU ms per 1,000 requests, in all and split into user and kernel time."""
+    user, kernel = (seconds / requests * 1e6 for seconds in spent)
+    results.add(f"{metric}_cpu_ms_per_1k", variant, user + kernel)
+    results.add(f"{metric}_user_ms_per_1k", variant, user)
+    results.add(f"{metric}_kernel_ms_per_1k", variant, kernel)
+    return sum(spent)
 
 
 def _record(results: Results, section: str, metric: str, variant: str, round_no: int,
@@ -217,27 +229,28 @@ def section_balancer(procs: Procs, tools: Tools, opts: Options, results: Results
         say(f"balancer round {rnd + 1}/{opts.rounds}: keep-alive, new connection, bulk")
         for variant in rotate(small, rnd):
             proc = proxies[variant]
-            res, (cpu, be) = _wrk_with_cpu(f"http://127.0.0.1:{proc.port}/", proc, backend,
-                                           seconds=secs, connections=CONNECTIONS, wrk=wrk)
+            res, (spent, be) = _wrk_with_cpu(f"http://127.0.0.1:{proc.port}/", proc, backend,
+                                             seconds=secs, connections=CONNECTIONS, wrk=wrk)
             results.add("ka_rps", variant, res.rps)
-            results.add("ka_cpu_ms_per_1k", variant, cpu / res.requests * 1e6)
-            results.add("ka_backend_cpu_ms_per_1k", variant, be / res.requests * 1e6)
+            cpu = _record_cpu(results, "ka", variant, spent, res.requests)
+            results.add("ka_backend_cpu_ms_per_1k", variant, sum(be) / res.requests * 1e6)
             results.add("ka_p99_ms", variant, res.latency_ms.get("p99", 0.0))
             _record(results, "balancer", "keep-alive", variant, rnd, res, cpu_s=cpu)
             results.commands.setdefault("keep-alive", res.command)
         for variant in rotate(small, rnd):
             proc = proxies[variant]
-            res, (cpu,) = _wrk_with_cpu(f"http://127.0.0.1:{proc.port}/", proc, seconds=secs,
-                                        connections=CONNECTIONS,
-                                        headers=("Connection: close",), wrk=wrk)
+            res, (spent,) = _wrk_with_cpu(f"http://127.0.0.1:{proc.port}/", proc, seconds=secs,
+                                          connections=CONNECTIONS,
+                                          headers=("Connection: close",), wrk=wrk)
             results.add("close_rps", variant, res.rps)
-            results.add("close_cpu_ms_per_1k", variant, cpu / res.requests * 1e6)
+            cpu = _record_cpu(results, "close", variant, spent, res.requests)
             _record(results, "balancer", "new-connection", variant, rnd, res, cpu_s=cpu)
             results.commands.setdefault("new connection per request", res.command)
         for variant in rotate(bulk, rnd):
             proc = proxies[variant]
-            res, (cpu,) = _wrk_with_cpu(f"http://127.0.0.1:{proc.port}/bulk", proc,
-                                        seconds=secs, connections=BULK_CONNECTIONS, wrk=wrk)
+            res, (spent,) = _wrk_with_cpu(f"http://127.0.0.1:{proc.port}/bulk", proc,
+                                          seconds=secs, connections=BULK_CONNECTIONS, wrk=wrk)
+            cpu = sum(spent)
             results.add("bulk_mib_s", variant, res.mib_s)
             results.add("bulk_cpu_s_per_gib", variant, cpu / (res.bytes_read / (1 << 30)))
             _record(results, "balancer", "bulk", variant, rnd, res, cpu_s=cpu)

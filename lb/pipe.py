@@ -283,7 +283,7 @@ class Pipe(asyncio.Protocol):
                         if not self._connect_expired:  # the pipe is closing: stop here
                             raise
                         self._connect_expired = False
-                        task = asyncio.current_task()
+                        task = asyncio.current_task(relay.loop)
                         if task is not None:
                             task.uncancel()
                     pool.connect_failed(backend, "timeout")
@@ -308,7 +308,9 @@ class Pipe(asyncio.Protocol):
             self._abort("internal error", reset=False)
         finally:
             # A backend lost during the attach may have started the next connect step already.
-            if self._connector is asyncio.current_task():
+            # (With the loop given, current_task() skips get_running_loop(), which on Python
+            # 3.11 makes a getpid() system call: one per connection.)
+            if self._connector is asyncio.current_task(self.relay.loop):
                 self._connector = None
             self._maybe_done()
 
