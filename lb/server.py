@@ -350,7 +350,6 @@ class Server:
         live: dict[int, tuple[int, int]] = {}
         live_up = live_down = 0
         for pipe in self.pipes:
-            pipe.refresh_counts()
             live_up += pipe.bytes_to_backend
             live_down += pipe.bytes_to_client
             if pipe.backend is not None:
