@@ -167,12 +167,43 @@ async def test_a_stream_handed_to_the_event_loop_is_still_counted_to_the_byte(
             assert await asyncio.wait_for(reader.read(), 5) == b""
         else:
             reset(writer)
+            assert await asyncio.wait_for(echo.ended.get(), 5) == "ConnectionResetError"
         await close(writer)
         await eventually(lambda: not lb.pipes)
         done = lb.stats()
     assert (done["backends"][0]["bytes_to_backend"], done["backends"][0]["bytes_to_client"]) \
         == (sent, sent)
     assert (done["totals"]["bytes_to_backend"], done["totals"]["bytes_to_client"]) == (sent, sent)
+
+
+async def test_a_backend_reset_in_the_middle_of_a_handed_off_stream_reaches_the_client() -> None:
+    chunks = pattern(8 * 65536)
+
+    async def stream_then_reset(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(4)
+        for chunk in chunks:  # one write and drain each: the answer comes in several chunks
+            writer.write(chunk)
+            await writer.drain()
+        await reader.readexactly(4)  # the client has all of it
+        reset(writer)
+
+    async with FuncBackend(stream_then_reset) as backend, running_lb(
+        lb_config(backend.address)
+    ) as lb:
+        reader, writer = await connect(lb.port)
+        writer.write(b"ping")
+        answer = await reader.readexactly(len(chunks) * 65536)
+        (pipe,) = lb.pipes
+        assert isinstance(pipe.upstream.get_protocol(), _HandedOff)
+        writer.write(b"done")
+        with pytest.raises(ConnectionResetError):  # noqa: PT012 - read until the reset
+            async with asyncio.timeout(5):
+                while await reader.read(65536):
+                    pass
+        await close(writer)
+        await eventually(lambda: not lb.pipes)
+    assert answer == b"".join(chunks)
 
 
 async def test_large_transfer_both_ways_is_byte_exact_with_bounded_buffers() -> None:
