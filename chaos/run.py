@@ -99,10 +99,15 @@ class Report:
 
 async def run_faults(stack: Stack, lines: Lines, plan: Plan, out: TextIO) -> Report:
     report = Report()
+    max_seconds = plan.settle * (len(plan.faults) + 2) + 60 * len(plan.faults) + 60
+    # The count bound is at least what the clients can send in that time (each pauses between
+    # two requests), so the end of the plan ends the load: a fixed 100,000 ran out before the
+    # last faults of a full run once the stack got faster, and those faults met no load.
+    workers = plan.fresh_workers + plan.keepalive_workers
     load = Load(LoadConfig(
         stack.config.client_host, stack.config.lb_port, fresh_workers=plan.fresh_workers,
         keepalive_workers=plan.keepalive_workers, run_id=f"chaos{time.time_ns() % 10**9}",
-        max_seconds=plan.settle * (len(plan.faults) + 2) + 60 * len(plan.faults) + 60,
+        max_seconds=max_seconds, max_ops=math.ceil(max_seconds / LoadConfig.pause) * workers,
         seed=plan.seed,
     ))
     base: Baseline = await baseline(stack)

@@ -332,10 +332,14 @@ class Judged:
 
     @property
     def ok(self) -> bool:
-        return not self.unexplained and "a replica or the balancer was restarted" \
-            not in self.fault.notes
+        """No unexplained failure, nothing restarted that should not have been, and requests
+        to judge: a window without any tested nothing."""
+        return self.requests > 0 and not self.unexplained \
+            and "a replica or the balancer was restarted" not in self.fault.notes
 
     def why(self) -> str:
+        if not self.requests:
+            return "no request ended in this window (the load had stopped): nothing was tested"
         counted = reasons(self.failures)
         return ", ".join(f"{n} x {r}" for r, n in counted.most_common(4)) or "-"
 

@@ -1,5 +1,6 @@
-"""``python -m chaos run``: options refused before anything starts, and a run stopped by a signal
-stops its stack and removes its scratch directory (a SIGTERMed run left PostgreSQL running)."""
+"""``python -m chaos run``: options refused before anything starts, a fault that met no load
+fails the verdict, and a run stopped by a signal stops its stack and removes its scratch
+directory (a SIGTERMed run left PostgreSQL running)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import psutil
 import pytest
 
 from chaos import run
+from chaos.system import Fault, Judged
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,6 +153,20 @@ class ChaosRun:
         self._reader.join(10)
         assert self.proc.stdout is not None
         self.proc.stdout.close()
+
+
+def test_a_fault_whose_window_holds_no_request_fails_the_verdict() -> None:
+    """A fault that met no load tested nothing. A full run once passed with its last two faults
+    after the load had ended (a fixed request budget ran out first): the row now says so, and
+    the verdict is FAIL."""
+    quiet = Judged(Fault("PostgreSQL restarted (fast)", "database", 10.0, 10.5, 12.0),
+                   0, [], [], [])
+    assert not quiet.ok
+    report = run.Report(judged=[quiet])
+    assert not report.ok
+    assert re.search(r"PostgreSQL restarted \(fast\) +0 +0 +0 +0 +- +no request ended in "
+                     r"this window \(the load had stopped\): nothing was tested",
+                     run.table(report))
 
 
 @pytest.mark.parametrize(
