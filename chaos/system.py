@@ -331,14 +331,18 @@ class Judged:
     unexplained: list[Attempt]
 
     @property
+    def untested(self) -> bool:
+        """A fault whose window holds no request met no load: it tested nothing. (The steady
+        window is empty by choice with ``--settle 0``.)"""
+        return not self.requests and self.fault.kind != "none"
+
+    @property
     def ok(self) -> bool:
-        """No unexplained failure, nothing restarted that should not have been, and requests
-        to judge: a window without any tested nothing."""
-        return self.requests > 0 and not self.unexplained \
+        return not self.untested and not self.unexplained \
             and "a replica or the balancer was restarted" not in self.fault.notes
 
     def why(self) -> str:
-        if not self.requests:
+        if self.untested:
             return "no request ended in this window (the load had stopped): nothing was tested"
         counted = reasons(self.failures)
         return ", ".join(f"{n} x {r}" for r, n in counted.most_common(4)) or "-"

@@ -162,6 +162,8 @@ def test_a_fault_whose_window_holds_no_request_fails_the_verdict() -> None:
     quiet = Judged(Fault("PostgreSQL restarted (fast)", "database", 10.0, 10.5, 12.0),
                    0, [], [], [])
     assert not quiet.ok
+    # A steady window is empty by choice under --settle 0: that is no failure.
+    assert Judged(Fault("steady load (no fault)", "none", 0.0, 0.0, 0.0), 0, [], [], []).ok
     report = run.Report(judged=[quiet])
     assert not report.ok
     assert re.search(r"PostgreSQL restarted \(fast\) +0 +0 +0 +0 +- +no request ended in "
