@@ -8,6 +8,7 @@ import gc
 
 import pytest
 
+from lb.pipe import Pipe, _HandedOff
 from tests.lb.lbkit import (
     EchoBackend,
     close,
@@ -25,8 +26,9 @@ from tests.lb.lbkit import (
 
 
 async def one_connection(port: int, i: int) -> None:
-    """A mix of how clients end: clean, half-closed early, reset, gone before any byte."""
-    kind = i % 4
+    """A mix of how clients end: clean, half-closed early, reset, gone before any byte, and a
+    stream handed to the event loop (several chunks each way) ended cleanly or reset."""
+    kind = i % 6
     if kind == 0:
         assert await exchange(port, b"clean %d" % i) == b"clean %d" % i
         return
@@ -39,6 +41,15 @@ async def one_connection(port: int, i: int) -> None:
             writer.write(b"reset me")
             await reader.readexactly(8)
             reset(writer)
+        elif kind in (4, 5):
+            for n in range(4):  # from the second chunk on, each direction is handed off
+                writer.write(b"stream %d" % n)
+                await reader.readexactly(8)
+            if kind == 4:
+                writer.write_eof()
+                assert await reader.read() == b""
+            else:
+                reset(writer)
         # kind 3: closes at once, maybe before the backend is even connected
     finally:
         await close(writer)
@@ -72,6 +83,8 @@ async def churn(count: int, *, concurrency: int = 50) -> None:
                 # Health checks come and go every 50 ms; between two rounds, only the owners remain.
                 await eventually(lambda: len(asyncio.all_tasks()) <= tasks, timeout=10, step=0.001)
                 assert not [t for t in asyncio.all_tasks() if "Pipe." in repr(t.get_coro())]
+                gc.collect()
+                assert not [o for o in gc.get_objects() if isinstance(o, (Pipe, _HandedOff))]
                 # A health check's socket may still be closing at this instant; a leaked one
                 # stays in CLOSE_WAIT for good.
                 await eventually(lambda: close_wait_of_process() == 0
