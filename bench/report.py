@@ -38,40 +38,42 @@ def _user_kernel(r: Results, metric: str) -> str:
             f"{fmt_num(h_kernel)} (medians; the table under part 1 has the spread). ")
 
 
-def _keep_alive_why(r: Results) -> str:
-    return _user_kernel(r, "ka") + (
-        "Per request both make the same system calls (strace -c: two reads and two writes), "
-        "and they are nearly all of the balancer's time: py-spy --native puts 94% of its "
-        "samples in write, read and epoll_pwait. From its second chunk each direction is "
-        "piped by uvloop itself, with no Python frame per chunk, which cut the user time by "
-        "about a quarter (3.3 to 2.6 CPU ms per 1,000, A/B); what is left of it is uvloop's "
-        "transport layer. The kernel time moves by more than that from round to round.")
+def _with_split(metric: str, why: str) -> Callable[[Results], str]:
+    """``why``, after this run's user and kernel split of ``metric`` (ka, close)."""
+    return lambda r: _user_kernel(r, metric) + why
 
 
-def _new_connection_why(r: Results) -> str:
-    return _user_kernel(r, "close") + (
-        "strace -c counts 28 system calls per connection against HAProxy's 17.7: uvloop asks "
-        "each new transport's getsockname and getpeername (4) and the connect's SO_ERROR (1), "
-        "libuv changes epoll interest 8 times where HAProxy does 3 (two of them fail with "
-        "EEXIST or ENOENT), and the half-close is passed on with shutdown (1). py-spy splits "
-        "the user time into uvloop and libuv (39%), the interpreter (28%), the pipe's own "
-        "Python (15%) and the weak references uvloop and asyncio keep of every transport and "
-        "task (10%). Letting libuv batch epoll changes through io_uring (`LB_IO_URING=on`) "
-        "costs a few per cent more.")
+_KEEP_ALIVE_WHY = _with_split("ka", (
+    "Per request both make the same system calls (strace -c: two reads and two writes), "
+    "and they are nearly all of the balancer's time: py-spy --native puts 94% of its "
+    "samples in write, read and epoll_pwait. From its second chunk each direction is "
+    "piped by uvloop itself, with no Python frame per chunk, which cut the user time by "
+    "about a quarter (3.3 to 2.6 CPU ms per 1,000, A/B); what is left of it is uvloop's "
+    "transport layer. The kernel time moves by more than that from round to round."))
+
+_NEW_CONNECTION_WHY = _with_split("close", (
+    "strace -c counts 28 system calls per connection against HAProxy's 17.7: uvloop asks "
+    "each new transport's getsockname and getpeername (4) and the connect's SO_ERROR (1), "
+    "libuv changes epoll interest 8 times where HAProxy does 3 (two of them fail with "
+    "EEXIST or ENOENT), and the half-close is passed on with shutdown (1). py-spy splits "
+    "the user time into uvloop and libuv (39%), the interpreter (28%), the pipe's own "
+    "Python (15%) and the weak references uvloop and asyncio keep of every transport and "
+    "task (10%). Letting libuv batch epoll changes through io_uring (`LB_IO_URING=on`) "
+    "costs a few per cent more."))
 
 
 TARGETS: tuple[Target, ...] = (
     Target("balancer keep-alive req/s ÷ HAProxy's", "≥ 1.0",
            lambda r: r.ratios("ka_rps", "ours", "haproxy"), True, 1.0, "0.91",
-           _keep_alive_why),
+           _KEEP_ALIVE_WHY),
     Target("balancer new-connection-per-request req/s ÷ HAProxy's", "≥ 0.75",
            lambda r: r.ratios("close_rps", "ours", "haproxy"), True, 0.75, "0.57",
-           _new_connection_why),
+           _NEW_CONNECTION_WHY),
     Target("balancer bulk MiB/s ÷ HAProxy's tuned (splice-auto, bufsize 65536)", "≥ 1.0",
            lambda r: r.ratios("bulk_mib_s", "ours", "haproxy-tuned"), True, 1.0, "1.25"),
     Target("balancer CPU per 1,000 keep-alive requests ÷ HAProxy's", "≤ 1.0",
            lambda r: r.ratios("ka_cpu_ms_per_1k", "ours", "haproxy"), False, 1.0, "1.2",
-           _keep_alive_why),
+           _KEEP_ALIVE_WHY),
     Target("balancer RSS per idle proxied connection (KiB)", "≤ 3 KiB",
            lambda r: r.get("idle_kib_per_conn", "ours"), False, 3.0, "2.9",
            "Most of it is uvloop's: two transports and two libuv handles per proxied connection. "
