@@ -475,23 +475,43 @@ class Pipe(asyncio.Protocol):
         self._active = False
         self._seen = self._movement()
 
-    def _count_handed_off(self, *, exact: bool = True) -> None:
+    def _count_handed_off(self) -> None:
         """A handed-off direction passed on every byte read from its socket, and the kernel
-        counts those: bytes received, less those not read yet (unless not ``exact``: a tick
-        counts them as read, one system call fewer)."""
+        counts those: bytes received, less those not read yet."""
         client, upstream = self.client, self.upstream
         if client is not None and isinstance(client.get_protocol(), _HandedOff):
-            read = _bytes_read(client, eof_read=self.client_eof, exact=exact)
+            read = _bytes_read(client, eof_read=self.client_eof)
             if read is not None:
                 self.bytes_to_backend = read
         if upstream is not None and isinstance(upstream.get_protocol(), _HandedOff):
-            read = _bytes_read(upstream, eof_read=self.upstream_eof, exact=exact)
+            read = _bytes_read(upstream, eof_read=self.upstream_eof)
             if read is not None:
                 self.bytes_to_client = read
 
-    def _movement(self) -> int:
-        """A number that changes whenever bytes move through either socket (see _moved)."""
-        return _moved(self.client) + _moved(self.upstream)
+    def _movement(self, *, count: bool = False) -> int:
+        """A number that changes whenever bytes move through either socket: on Linux, the
+        kernel's bytes received plus bytes acknowledged by the peer; elsewhere (where nothing
+        is handed off), minus what waits in the write buffers, which shrink as peers take bytes.
+
+        With ``count``, the same look brings the counts of handed-off directions up to date
+        (bytes not read yet count as read: one system call fewer, for a tick's estimate)."""
+        moved = 0
+        for transport, eof_read in ((self.client, self.client_eof),
+                                    (self.upstream, self.upstream_eof)):
+            if transport is None:
+                continue
+            info = _tcp_info(_fileno(transport)) if _KERNEL_COUNTS else None
+            if info is None:
+                moved -= transport.get_write_buffer_size()
+                continue
+            moved += info[1] + info[2]
+            if count and isinstance(transport.get_protocol(), _HandedOff):
+                read = _received(info, eof_read=eof_read)
+                if transport is self.client:
+                    self.bytes_to_backend = read
+                else:
+                    self.bytes_to_client = read
+        return moved
 
     def _maybe_done(self) -> None:
         if self._done or self.client_open or self.upstream_open or self._connector is not None:
@@ -545,10 +565,9 @@ class Pipe(asyncio.Protocol):
         if self._closing:
             self._cancel_timer()
             return
-        seen = self._movement()
         # What the stats show of a handed-off direction while it is open: the count at the
         # last tick (a stats page asking the kernel for every connection would stall the loop).
-        self._count_handed_off(exact=False)
+        seen = self._movement(count=True)
         moved = self._active or seen != self._seen
         self._active = False
         self._seen = seen
@@ -778,35 +797,24 @@ def _tcp_info(fd: int) -> tuple[int, int, int] | None:
     return info[0], acked, received
 
 
-def _bytes_read(transport: asyncio.BaseTransport, *, eof_read: bool, exact: bool) -> int | None:
-    """Bytes this process has read from ``transport``'s socket: received, less the FIN, and
-    (when ``exact``) less what waits unread."""
+def _received(info: tuple[int, int, int], *, eof_read: bool) -> int:
+    """Bytes received on a socket, from its ``_tcp_info``: less the peer's FIN, once it came."""
+    state, _, received = info
+    return received - (1 if eof_read or state in _FIN_RECEIVED_STATES else 0)
+
+
+def _bytes_read(transport: asyncio.BaseTransport, *, eof_read: bool) -> int | None:
+    """Bytes this process has read from ``transport``'s socket: received, less the FIN and
+    what waits unread."""
     fd = _fileno(transport)
     info = _tcp_info(fd)
     if info is None:
         return None
-    state, _, received = info
-    unread = 0
-    if exact:
-        try:
-            unread = struct.unpack("i", fcntl.ioctl(fd, _SIOCINQ, b"\0" * 4))[0]
-        except OSError:
-            return None
-    fin = 1 if eof_read or state in _FIN_RECEIVED_STATES else 0
-    return int(received - unread - fin)
-
-
-def _moved(transport: asyncio.Transport | None) -> int:
-    """A number that changes whenever bytes move through ``transport``: on Linux, the kernel's
-    bytes received plus bytes acknowledged by the peer; elsewhere (where nothing is handed
-    off), minus what waits in the write buffer, which shrinks as the peer takes bytes."""
-    if transport is None:
-        return 0
-    if _KERNEL_COUNTS:
-        info = _tcp_info(_fileno(transport))
-        if info is not None:
-            return info[1] + info[2]
-    return -transport.get_write_buffer_size()
+    try:
+        unread = struct.unpack("i", fcntl.ioctl(fd, _SIOCINQ, b"\0" * 4))[0]
+    except OSError:
+        return None
+    return int(_received(info, eof_read=eof_read) - unread)
 
 
 def _linger_reset(transport: asyncio.Transport) -> None:
