@@ -702,7 +702,7 @@ def _git() -> str:
 
     head = git("rev-parse", "--short", "HEAD") or "?"
     dirty = len(git("status", "--porcelain", "--untracked-files=no").splitlines())
-    return f"{head}" + (f" + {dirty} modified files" if dirty else "")
+    return f"{head}" + (f" + {dirty} modified file{'s' * (dirty != 1)}" if dirty else "")
 
 
 def free_stem(out: Path, stem: str) -> str:
