@@ -583,10 +583,11 @@ class _Driven:
     """A coroutine run without a Task: each future it awaits resumes it from its done callback.
 
     Per connection, a Task's registry entry (a WeakSet, in Python) and bookkeeping were about a
-    seventh of the balancer's user time on the new-connection path. This keeps what the connect
+    tenth of the balancer's user time on the new-connection path. This keeps what the connect
     step needs of a Task: the first step runs from the loop (never inside the caller), and
     :meth:`cancel` cancels the awaited future, or throws CancelledError in at the next step when
-    there is none. The coroutine catches its own exceptions; ``on_end`` is called once it ends.
+    there is none. The coroutine awaits asyncio futures only (as ``loop.create_connection``
+    does) and catches its own exceptions; ``on_end`` is called once it ends.
     """
 
     __slots__ = ("_cancelling", "_coro", "_loop", "_on_end", "_waiting", "finished")
