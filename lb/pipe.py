@@ -316,7 +316,9 @@ class Pipe(asyncio.Protocol):
 
     def _connect_timed_out(self) -> None:
         connector = self._connector
-        if connector is not None and not connector.finished:
+        # A pipe already closing cancelled its connect step: that is no timeout to blame on
+        # the backend, even when this timer comes in the same loop round.
+        if connector is not None and not connector.finished and not self._closing:
             self._connect_expired = True
             connector.cancel()
 

@@ -96,11 +96,66 @@ async def test_cancel_cancels_the_awaited_future_and_the_coroutine_sees_it() -> 
     driven = _Driven(loop, body(), ended)
     await waiting
     driven.cancel()
-    driven.cancel()  # twice is once
     await ended.wait()
     assert awaited.cancelled()
     assert len(raised) == 1
     assert ended.calls == 1
+
+
+async def test_a_coroutine_that_catches_the_cancel_goes_on_uncancelled() -> None:
+    """What the connect step does on a timeout: catch CancelledError and try the next backend.
+    That next attempt must not be cancelled too, even when cancel() came twice."""
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[str] = loop.create_future()
+    second: asyncio.Future[str] = loop.create_future()
+    waiting = loop.create_future()
+    retrying = loop.create_future()
+    got: list[str] = []
+
+    async def body() -> None:
+        waiting.set_result(None)
+        try:
+            got.append(await first)
+        except asyncio.CancelledError:
+            got.append("cancelled")
+        retrying.set_result(None)
+        got.append(await second)
+
+    ended = Ended()
+    driven = _Driven(loop, body(), ended)
+    await waiting
+    driven.cancel()
+    driven.cancel()  # twice is once
+    await retrying
+    assert not second.cancelled()
+    second.set_result("second attempt")
+    await ended.wait()
+    assert got == ["cancelled", "second attempt"]
+
+
+async def test_a_cancelled_end_is_quiet() -> None:
+    """A connect step given up is no error: nothing reaches the loop's exception handler."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    awaited: asyncio.Future[None] = loop.create_future()
+    waiting = loop.create_future()
+
+    async def body() -> None:
+        waiting.set_result(None)
+        await awaited
+
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        ended = Ended()
+        driven = _Driven(loop, body(), ended)
+        await waiting
+        driven.cancel()
+        await ended.wait()
+        # The handler would be called from the same step that ended the coroutine.
+    finally:
+        loop.set_exception_handler(previous)
+    assert reported == []
 
 
 async def test_cancel_after_the_future_completed_still_cancels() -> None:
