@@ -4,6 +4,8 @@ as a Task would be, and a pipe that ends mid-connect ends it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from lb.pipe import _Driven
@@ -33,6 +35,54 @@ class Ended:
     async def wait(self) -> _Driven:
         async with asyncio.timeout(5):
             return await self.future
+
+
+class Awaiting:
+    """A driven coroutine that awaits one future, and then (with ``then``) a second one, as the
+    connect step does when it tries the next backend; it records what each await gave or
+    raised. With ``reraise``, a CancelledError from the first await ends it."""
+
+    def __init__(self, *, reraise: bool = True, then: bool = False) -> None:
+        loop = asyncio.get_running_loop()
+        self.first: asyncio.Future[str] = loop.create_future()
+        self.second: asyncio.Future[str] | None = loop.create_future() if then else None
+        self.at_first: asyncio.Future[None] = loop.create_future()
+        self.at_second: asyncio.Future[None] = loop.create_future()
+        self.reraise = reraise
+        self.got: list[object] = []
+        self.ended = Ended()
+
+    async def body(self) -> None:
+        self.at_first.set_result(None)
+        try:
+            self.got.append(await self.first)
+        except asyncio.CancelledError as exc:
+            self.got.append(exc)
+            if self.reraise:
+                raise
+        if self.second is not None:
+            self.at_second.set_result(None)
+            self.got.append(await self.second)
+
+    async def start(self) -> _Driven:
+        """The driver, once the coroutine waits at its first await."""
+        driven = _Driven(asyncio.get_running_loop(), self.body(), self.ended)
+        async with asyncio.timeout(5):
+            await self.at_first
+        return driven
+
+
+@contextlib.contextmanager
+def loop_errors() -> Iterator[list[dict[str, Any]]]:
+    """What reaches the running loop's exception handler meanwhile."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        yield reported
+    finally:
+        loop.set_exception_handler(previous)
 
 
 async def test_steps_run_from_the_loop_each_future_resumes_it_and_no_task_is_made() -> None:
@@ -78,110 +128,48 @@ async def test_cancelled_before_its_first_step_it_never_runs() -> None:
     assert ended.calls == 1
 
 
-async def test_cancel_cancels_the_awaited_future_and_the_coroutine_sees_it() -> None:
-    loop = asyncio.get_running_loop()
-    awaited: asyncio.Future[None] = loop.create_future()
-    waiting = loop.create_future()
-    raised: list[BaseException] = []
-
-    async def body() -> None:
-        waiting.set_result(None)
-        try:
-            await awaited
-        except asyncio.CancelledError as exc:
-            raised.append(exc)
-            raise
-
-    ended = Ended()
-    driven = _Driven(loop, body(), ended)
-    await waiting
-    driven.cancel()
-    await ended.wait()
-    assert awaited.cancelled()
-    assert len(raised) == 1
-    assert ended.calls == 1
+async def test_cancel_cancels_the_awaited_future_and_a_cancelled_end_is_quiet() -> None:
+    """A connect step given up is no error: nothing reaches the loop's exception handler."""
+    coroutine = Awaiting()
+    with loop_errors() as reported:
+        driven = await coroutine.start()
+        driven.cancel()
+        await coroutine.ended.wait()
+    assert coroutine.first.cancelled()
+    assert len(coroutine.got) == 1
+    assert isinstance(coroutine.got[0], asyncio.CancelledError)
+    assert coroutine.ended.calls == 1
+    assert reported == []
 
 
 async def test_a_coroutine_that_catches_the_cancel_goes_on_uncancelled() -> None:
     """What the connect step does on a timeout: catch CancelledError and try the next backend.
     That next attempt must not be cancelled too, even when cancel() came twice."""
-    loop = asyncio.get_running_loop()
-    first: asyncio.Future[str] = loop.create_future()
-    second: asyncio.Future[str] = loop.create_future()
-    waiting = loop.create_future()
-    retrying = loop.create_future()
-    got: list[str] = []
-
-    async def body() -> None:
-        waiting.set_result(None)
-        try:
-            got.append(await first)
-        except asyncio.CancelledError:
-            got.append("cancelled")
-        retrying.set_result(None)
-        got.append(await second)
-
-    ended = Ended()
-    driven = _Driven(loop, body(), ended)
-    await waiting
+    coroutine = Awaiting(reraise=False, then=True)
+    driven = await coroutine.start()
     driven.cancel()
     driven.cancel()  # twice is once
-    await retrying
-    assert not second.cancelled()
-    second.set_result("second attempt")
-    await ended.wait()
-    assert got == ["cancelled", "second attempt"]
-
-
-async def test_a_cancelled_end_is_quiet() -> None:
-    """A connect step given up is no error: nothing reaches the loop's exception handler."""
-    loop = asyncio.get_running_loop()
-    reported: list[dict[str, Any]] = []
-    awaited: asyncio.Future[None] = loop.create_future()
-    waiting = loop.create_future()
-
-    async def body() -> None:
-        waiting.set_result(None)
-        await awaited
-
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _, context: reported.append(context))
-    try:
-        ended = Ended()
-        driven = _Driven(loop, body(), ended)
-        await waiting
-        driven.cancel()
-        await ended.wait()
-        # The handler would be called from the same step that ended the coroutine.
-    finally:
-        loop.set_exception_handler(previous)
-    assert reported == []
+    async with asyncio.timeout(5):
+        await coroutine.at_second
+    assert coroutine.second is not None
+    assert not coroutine.second.cancelled()
+    coroutine.second.set_result("second attempt")
+    await coroutine.ended.wait()
+    assert isinstance(coroutine.got[0], asyncio.CancelledError)
+    assert coroutine.got[1:] == ["second attempt"]
 
 
 async def test_cancel_after_the_future_completed_still_cancels() -> None:
     """As with a Task: the future is done but has not resumed the coroutine yet, so the
     coroutine gets CancelledError, not the result (a connect that completes as its timeout
     fires is abandoned, and the transport it made closed)."""
-    loop = asyncio.get_running_loop()
-    awaited: asyncio.Future[str] = loop.create_future()
-    waiting = loop.create_future()
-    got: list[Any] = []
-
-    async def body() -> None:
-        waiting.set_result(None)
-        try:
-            got.append(await awaited)
-        except asyncio.CancelledError as exc:
-            got.append(exc)
-
-    ended = Ended()
-    driven = _Driven(loop, body(), ended)
-    await waiting
-    awaited.set_result("too late")
+    coroutine = Awaiting(reraise=False)
+    driven = await coroutine.start()
+    coroutine.first.set_result("too late")
     driven.cancel()
-    await ended.wait()
-    assert len(got) == 1
-    assert isinstance(got[0], asyncio.CancelledError)
+    await coroutine.ended.wait()
+    assert len(coroutine.got) == 1
+    assert isinstance(coroutine.got[0], asyncio.CancelledError)
 
 
 async def test_cancelled_while_it_runs_the_next_future_it_awaits_is_cancelled() -> None:
@@ -206,30 +194,19 @@ async def test_cancelled_while_it_runs_the_next_future_it_awaits_is_cancelled() 
 
 
 async def test_an_exception_ends_it_and_reaches_the_loop_s_handler() -> None:
-    loop = asyncio.get_running_loop()
-    reported: asyncio.Future[BaseException] = loop.create_future()
-
-    def handler(_: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        if not reported.done():
-            reported.set_result(context["exception"])
-
     async def body() -> None:
         raise ValueError("from the connect step")
 
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(handler)
-    try:
-        ended = Ended()
-        driven = _Driven(loop, body(), ended)
+    ended = Ended()
+    with loop_errors() as reported:
+        driven = _Driven(asyncio.get_running_loop(), body(), ended)
         await ended.wait()
-        async with asyncio.timeout(5):
-            exc = await reported
-    finally:
-        loop.set_exception_handler(previous)
     assert driven.finished
     assert ended.calls == 1
-    assert isinstance(exc, ValueError)
-    assert str(exc) == "from the connect step"
+    # The exception left the same callback that ended the coroutine: it was reported at once.
+    (context,) = reported
+    assert isinstance(context["exception"], ValueError)
+    assert str(context["exception"]) == "from the connect step"
 
 
 async def test_a_stop_while_a_connect_hangs_ends_the_connect() -> None:
