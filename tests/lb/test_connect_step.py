@@ -15,6 +15,7 @@ from tests.lb.lbkit import (
     eventually,
     how_it_ends,
     lb_config,
+    reset,
     running_lb,
     tcp_states,
 )
@@ -237,3 +238,24 @@ async def test_a_stop_while_a_connect_hangs_ends_the_connect() -> None:
         assert totals["finished_connections"] == 1
         assert totals["failed_connects"] == 0
         writer.close()
+
+
+async def test_a_client_leaving_while_its_connect_hangs_is_let_go_when_the_connect_ends() -> None:
+    """The client is not read from until a backend accepts, so its reset is seen only when the
+    connect step ends: its slot is held for at most the connect timeouts it may wait through."""
+    async with Blackhole() as hole:
+        config = lb_config(hole.address, connect_timeout=1.0, connect_retries=0,
+                           check_interval=60.0, check_timeout=0.2)
+        async with running_lb(config) as lb:
+            await eventually(lambda: lb.pool.backends[0].checks_failed >= 1)
+            _reader, writer = await connect(lb.port)
+            writer.write(b"never delivered")
+            await writer.drain()
+            await eventually(lambda: bool(lb.pipes))
+            (pipe,) = lb.pipes
+            reset(writer)
+            await eventually(lambda: not lb.pipes, timeout=5)
+            assert pipe.end == "no backend accepted"
+            totals = lb.stats()["totals"]
+            assert totals["finished_connections"] == 1
+            assert totals["failed_connects"] == 1
