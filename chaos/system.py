@@ -10,8 +10,9 @@ A fault is judged against the promises it tests:
 - replica killed (SIGKILL): a request may fail only if its connection was opened before
   the replica was dead *and* that connection was piped to that replica;
 - replica hung (SIGSTOP): likewise, with "marked down by the balancer" instead of "dead";
-- PostgreSQL restarted: while it is away, a request may get ``503 database unavailable``
-  (never a 500, never silence); after it is back, nothing may fail;
+- PostgreSQL restarted: while it is away, a request may get ``503 database unavailable``, or
+  a write ``504`` (its COMMIT cut off: outcome unknown), never a 500, never silence; after it
+  is back, nothing may fail;
 - anything else (garbage from other clients, ...): nothing may fail.
 """
 
@@ -384,7 +385,9 @@ def _explains(fault: Fault, a: Attempt, ports: Mapping[int, list[tuple[str, str]
         return (a.opened is not None and a.opened < fault.effective
                 and fault.target in replica_of(a, ports))
     if fault.kind == "database":
-        return (a.status == 503 and a.message.startswith("database unavailable")
+        # 504: a write whose COMMIT the restart cut off, which may have been applied.
+        return (((a.status == 503 and a.message.startswith("database unavailable"))
+                 or (a.status == 504 and a.message.startswith("database did not confirm")))
                 and a.invoke < fault.recovered)
     return False
 

@@ -25,7 +25,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from services.config import Config
-from services.db import Database, DatabaseBusy, DatabaseUnavailable
+from services.db import Database, DatabaseBusy, DatabaseUnavailable, WriteOutcomeUnknown
 from services.metrics import Metrics
 from services.openapi import openapi_document
 
@@ -48,6 +48,10 @@ SERVED_BY = web.AppKey("served_by", str)
 
 TEXT = "text/plain"
 RETRY_AFTER_SECONDS = "1"
+WRITE_OUTCOME_UNKNOWN = (
+    "database did not confirm the write in time: it may have been applied; "
+    "read the variable before retrying"
+)
 
 
 class ClientError(Exception):
@@ -425,6 +429,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
         log.warning("%s %s: database unavailable: %s", request.method, request.path, exc)
         response = answer(request, 503, "database unavailable",
                           headers={"Retry-After": RETRY_AFTER_SECONDS})
+    except WriteOutcomeUnknown as exc:
+        log.warning("%s %s: write outcome unknown: %s", request.method, request.path, exc)
+        # No Retry-After: a retry may meet the write's own effect (409 on a set_var).
+        response = answer(request, 504, WRITE_OUTCOME_UNKNOWN)
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         response = answer(

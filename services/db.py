@@ -1,10 +1,12 @@
 """The database: the connection pool's lifecycle, the schema step and the four statements.
 
 Each API operation is one atomic statement, so concurrent requests cannot race between
-a check and a write.  The pool is created in the background with backoff, so the
+a check and a write; a write's runs in a transaction committed only while its request still
+waits (see :func:`_committed`).  The pool is created in the background with backoff, so the
 service starts (and answers 503) before PostgreSQL exists.  Every failure to reach the
 database surfaces as :class:`DatabaseUnavailable`; a pool that is full surfaces as
-:class:`DatabaseBusy`: both become 503, never 500 and never a hang.
+:class:`DatabaseBusy`: both become 503, never 500 and never a hang.  A COMMIT the database did
+not confirm surfaces as :class:`WriteOutcomeUnknown`: 504.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ SQL_GET_MANY = "SELECT key, value FROM public.variables WHERE key = ANY($1::text
 SQL_EDIT = "UPDATE public.variables SET value = $2 WHERE key = $1 RETURNING true"
 SQL_DELETE = "DELETE FROM public.variables WHERE key = $1 RETURNING true"
 SQL_PING = "SELECT 1"
+SQL_BEGIN = "BEGIN"
+SQL_COMMIT = "COMMIT"
+SQL_ROLLBACK = "ROLLBACK"
 
 # What "the database cannot be reached right now" looks like from asyncpg: refused or
 # dropped sockets, the server shutting down or starting up, no connection slot left, and a
@@ -68,6 +73,11 @@ STATEMENT_TIMEOUT_BACKSTOP = 0.5
 
 class DatabaseBusy(Exception):
     """Every connection is in use and too many requests already wait for one."""
+
+
+class WriteOutcomeUnknown(Exception):
+    """A write's COMMIT was sent and the database did not confirm it in time: the write may or
+    may not have been applied."""
 
 
 T = TypeVar("T")
@@ -153,6 +163,43 @@ async def resolve_host(host: str, port: int, *, timeout: float) -> list[str]:
     if not addresses:
         raise NameLookupError(f"{host} resolves to no address")
     return addresses
+
+
+async def _committed(conn: asyncpg.Connection, budget: float, sql: str, *args: Any) -> Any:
+    """``sql``'s value, in a transaction committed only while the request still waits for it.
+
+    A statement sent on its own commits when the server gets to it. The server may get to it
+    after the client gave up on a database that stopped answering (frozen, cut off): the
+    request was answered 503, and its write would be applied later all the same. Here the
+    COMMIT is sent only once the statement answered within ``budget`` seconds; a client that
+    gives up before drops the connection, and the server rolls the transaction back. Only a
+    COMMIT sent and not confirmed within the budget leaves the outcome unknown, and says so.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+
+    def left() -> float:
+        return max(deadline - loop.time(), 0.001)
+
+    await conn.execute(SQL_BEGIN, timeout=left())
+    try:
+        value = await conn.fetchval(sql, *args, timeout=left())
+    except asyncpg.PostgresError as exc:
+        # The statement's own error (statement_timeout, a missing table): end the failed
+        # transaction, so that the connection can serve again.
+        if not isinstance(exc, CONNECTION_ERRORS):
+            await conn.execute(SQL_ROLLBACK, timeout=left())
+        raise
+    try:
+        await conn.execute(SQL_COMMIT, timeout=left())
+    except Exception as exc:
+        # The connection broke, the answer is late, or the COMMIT itself failed (its
+        # statement_timeout can fire once the commit is durable): any of these may follow a
+        # commit that happened.
+        raise WriteOutcomeUnknown(
+            f"the database did not confirm the commit within {budget:g}s: {describe(exc)}"
+        ) from exc
+    return value
 
 
 async def _apply_schema_on(conn: asyncpg.Connection) -> None:
@@ -355,11 +402,12 @@ class Database:
             raise DatabaseBusy(f"{self._in_flight} requests already use or wait for the database")
         return pool
 
-    async def _fetchval(self, sql: str, *args: Any) -> Any:
+    async def _write(self, sql: str, *args: Any) -> Any:
         pool = self._admit()
         self._in_flight += 1
+        budget = self._config.db_command_timeout + STATEMENT_TIMEOUT_BACKSTOP
         try:
-            return await self._run(pool, lambda conn: conn.fetchval(sql, *args))
+            return await self._run(pool, lambda conn: _committed(conn, budget, sql, *args))
         finally:
             self._in_flight -= 1
 
@@ -418,6 +466,11 @@ class Database:
                 pool.release(conn, discard=discard)
         except (DatabaseBusy, DatabaseUnavailable, asyncio.CancelledError):
             raise
+        except WriteOutcomeUnknown as exc:
+            error("outcome_unknown")
+            if isinstance(exc.__cause__, CONNECTION_ERRORS):
+                self._lost(pool, exc.__cause__)
+            raise
         except (TimeoutError, asyncpg.QueryCanceledError) as exc:
             error("timeout")
             raise DatabaseUnavailable(
@@ -430,13 +483,16 @@ class Database:
         self, pool: Pool, exc: BaseException, error: Callable[[str], None]
     ) -> DatabaseUnavailable:
         error("connection")
+        self._lost(pool, exc)
+        return DatabaseUnavailable(self.last_error)
+
+    def _lost(self, pool: Pool, exc: BaseException) -> None:
         self.last_error = describe(exc)
         # One broken connection means the server went away: the idle ones are broken too,
         # and each would fail one more request before being noticed. A name that did not
         # resolve says nothing about the server: the open connections still work.
         if not isinstance(exc, NameLookupError):
             pool.expire()
-        return DatabaseUnavailable(self.last_error)
 
     # -- batched reads ----------------------------------------------------------
 
@@ -530,7 +586,7 @@ class Database:
 
     async def set_var(self, key: str, value: str) -> bool:
         """Create ``key``; False if it already exists."""
-        return bool(await self._fetchval(SQL_SET, key, value))
+        return bool(await self._write(SQL_SET, key, value))
 
     async def get_var(self, key: str) -> str | None:
         """The value of ``key``, or None. When ``read_concurrency`` reads already run or every
@@ -552,11 +608,11 @@ class Database:
 
     async def edit_var(self, key: str, value: str) -> bool:
         """Replace the value of ``key``; False if it does not exist."""
-        return bool(await self._fetchval(SQL_EDIT, key, value))
+        return bool(await self._write(SQL_EDIT, key, value))
 
     async def delete_var(self, key: str) -> bool:
         """Delete ``key``; False if it did not exist."""
-        return bool(await self._fetchval(SQL_DELETE, key))
+        return bool(await self._write(SQL_DELETE, key))
 
     async def ping(self) -> None:
         """Raise unless the database answers ``SELECT 1`` within the health timeout, on a

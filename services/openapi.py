@@ -89,6 +89,10 @@ def _operation(
 @cache
 def openapi_document() -> dict[str, Any]:
     not_found = _error("No variable has this key.")
+    unknown = _error(
+        "The database did not confirm the write in time: it may have been applied. Read the "
+        "variable before retrying."
+    )
     return {
         "openapi": "3.0.3",
         "info": {
@@ -108,7 +112,8 @@ def openapi_document() -> dict[str, Any]:
             }},
             "/set_var": {"post": _operation(
                 "Create a variable", "setVar", [_KEY_QUERY, _VALUE_QUERY], _body(["key", "value"]),
-                {"201": _ok("Created.", "Variable"), "409": _error("The key already exists.")},
+                {"201": _ok("Created.", "Variable"), "409": _error("The key already exists."),
+                 "504": unknown},
             )},
             "/get_var": {"get": _operation(
                 "Read a variable's value", "getVar", [_KEY_QUERY], _body(["key"]),
@@ -117,11 +122,12 @@ def openapi_document() -> dict[str, Any]:
             "/edit_var": {"put": _operation(
                 "Change a variable's value", "editVar", [_KEY_QUERY, _VALUE_QUERY],
                 _body(["key", "value"]),
-                {"200": _ok("Changed.", "Variable"), "404": not_found},
+                {"200": _ok("Changed.", "Variable"), "404": not_found, "504": unknown},
             )},
             "/delete_var": {"delete": _operation(
                 "Delete a variable", "deleteVar", [_KEY_QUERY], _body(["key"]),
-                {"204": {"description": "Deleted; no body."}, "404": not_found},
+                {"204": {"description": "Deleted; no body."}, "404": not_found,
+                 "504": unknown},
             )},
             "/metrics": {"get": {
                 "summary": "Prometheus metrics",

@@ -58,7 +58,10 @@ def reply(status: int, text: str = "", payload: object = None, *, json: bool = F
         ("get", reply(404, "variable not found"), Outcome.DEFINITE, 404, None),
         ("edit", reply(404, "no such endpoint: /edit_var"), Outcome.UNKNOWN, None, None),
         ("delete", reply(204), Outcome.DEFINITE, 204, None),
-        ("edit", reply(503, "database unavailable"), Outcome.UNKNOWN, None, None),
+        ("edit", reply(503, "database unavailable"), Outcome.NOT_APPLIED, None, None),
+        ("edit", reply(504, "database did not confirm the write in time: it may have been "
+                             "applied; read the variable before retrying"),
+         Outcome.UNKNOWN, None, None),
         ("set", reply(502, "bad gateway"), Outcome.UNKNOWN, None, None),
         ("set", reply(503, "database busy, retry later"), Outcome.NOT_APPLIED, None, None),
         ("delete", reply(400, "key must not be empty"), Outcome.NOT_APPLIED, None, None),
@@ -137,23 +140,19 @@ async def test_the_final_state_check_catches_a_lost_and_a_forged_write(
     assert "get('fresh') -> 404" in str(result)
 
 
-async def test_calls_to_a_replica_without_its_database_are_unknown_writes(
+async def test_calls_to_a_replica_without_its_database_are_not_applied(
     own_postgres: EmbeddedPostgres,
 ) -> None:
-    """The database never started: every write answers 503 and may not be trusted either
-    way; the history must still check (nothing definite contradicts anything)."""
+    """The database never started: every call answers 503, which says nothing was stored;
+    the history holds none of them."""
     async with run_service(config_for(own_postgres), wait_ready=False) as service:
         recording = await record(Workload(service.url, keys=KEYS, workers=3, max_ops=30,
                                           max_seconds=20, retry_after_cap=0.01))
     assert len(recording.records) == 30
     assert {r.http_status for r in recording.records} == {503}
-    assert recording.count(Outcome.UNKNOWN) == 30
+    assert recording.count(Outcome.NOT_APPLIED) == 30
     assert recording.acknowledged_writes == []
-    unknown_writes = [op for op in recording.history if op.is_write]
-    assert unknown_writes
-    assert all(op.unknown for op in unknown_writes)
-    # A worker whose call's fate is unknown carries on as a new process.
-    assert len({op.process for op in recording.history}) == 30
+    assert recording.history == []
     assert check(recording.history).ok
 
 
