@@ -16,7 +16,7 @@ OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, 
 
 
 class ListenError(OSError):
-    """A listener other than the program's main one could not bind: ``address`` says which."""
+    """A listener could not bind: ``address`` says which, and the settings that name it."""
 
     def __init__(self, address: str, exc: OSError) -> None:
         # The errno's own words ("Address already in use"), not the loop's longer sentence

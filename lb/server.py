@@ -121,7 +121,11 @@ class Server:
             half_close_timeout=config.half_close_timeout,
             buffer_size=config.buffer_size,
         )
-        self._sock = listening_socket(config.host, config.port, backlog=config.backlog)
+        try:
+            self._sock = listening_socket(config.host, config.port, backlog=config.backlog)
+        except OSError as exc:
+            raise ListenError(f"{host_port(config.host, config.port)} (LB_HOST, LB_PORT)",
+                              exc) from exc
         self.pool.is_own_address = own_address_check(self._sock)
         try:
             if self.discovery is None:

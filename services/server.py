@@ -15,7 +15,7 @@ import signal
 
 from aiohttp import web
 
-from common.net import listening_socket
+from common.net import ListenError, host_port, listening_socket
 from common.signals import stop_signals
 from services import connection
 from services.api import Lifecycle, access_logger_class, create_app
@@ -52,7 +52,12 @@ class Server:
 
     async def startup(self) -> None:
         cfg = self.config
-        sock = listening_socket(cfg.host, cfg.port, backlog=1024)
+        try:
+            sock = listening_socket(cfg.host, cfg.port, backlog=1024)
+        except OSError as exc:
+            raise ListenError(
+                f"{host_port(cfg.host, cfg.port)} (SERVICE_HOST, SERVICE_PORT)", exc
+            ) from exc
         self.port = int(sock.getsockname()[1])
         served_by = cfg.served_by_for(self.port)
         app = create_app(cfg, served_by=served_by, lifecycle=self.lifecycle)

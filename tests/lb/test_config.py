@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 
@@ -118,6 +119,34 @@ def test_bad_config_exits_2_without_a_traceback() -> None:
     assert result.returncode == 2
     assert "LB_CHECK_RISE: must be an integer, got 'many'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("host", "port_taken", "reason"),
+    [
+        ("127.0.0.1", True, "[Errno 98] Address already in use"),
+        ("nosuch.invalid", False, "Name or service not known"),
+    ],
+    ids=["port-in-use", "unresolvable-host"],
+)
+def test_a_main_listener_that_cannot_bind_exits_1_naming_its_variables(
+    host: str, port_taken: bool, reason: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1] if port_taken else 0
+        result = subprocess.run(
+            [sys.executable, "-m", "lb"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+            check=False,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "LB_HOST": host,
+                 "LB_PORT": str(port), "LB_BACKENDS": "127.0.0.1:9", "LB_ADMIN_PORT": "0",
+                 "LB_CHECK_MODE": "tcp"},
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"cannot serve on {host}:{port} (LB_HOST, LB_PORT): " in result.stdout
+    assert reason in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_help_lists_the_flags() -> None:

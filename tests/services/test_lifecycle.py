@@ -226,4 +226,5 @@ def test_port_in_use_is_a_clear_error(postgres: Any) -> None:
             capture_output=True, text=True, timeout=30, check=False,
         )
     assert result.returncode == 1
-    assert f"cannot serve on 127.0.0.1:{port}" in result.stdout
+    assert (f"cannot serve on 127.0.0.1:{port} (SERVICE_HOST, SERVICE_PORT): "
+            "[Errno 98] Address already in use") in result.stdout
