@@ -39,6 +39,8 @@ from chaos.model import KINDS, STATUSES, Kind, Op, State
 NOT_FOUND_MESSAGE = "variable not found"
 EXISTS_MESSAGE = "variable already exists"
 CLIENT_ERRORS = frozenset({400, 405, 413})
+NOT_APPLIED_503 = frozenset({"database busy, retry later", "database unavailable"})
+"""The service's 503s (README: *When the database goes away*); another 503 proves nothing."""
 """Answers after which nothing was stored (README: 'Nothing is stored for any of these')."""
 
 
@@ -62,7 +64,7 @@ def classify(kind: Kind, reply: Reply | None) -> Classified:
     if reply is None:
         return Classified(Outcome.UNKNOWN, None, None)
     status, message = reply.status, reply.message
-    if status in CLIENT_ERRORS or status == 503:
+    if status in CLIENT_ERRORS or (status == 503 and message in NOT_APPLIED_503):
         return Classified(Outcome.NOT_APPLIED, None, None)
     ok, refused = STATUSES[kind]
     if status == ok and kind == "get":

@@ -11,7 +11,7 @@ earliest response still outstanding — that response's operation must take effe
 anything invoked after it.  A candidate is placed if the register could have given its
 answer from the current state; when no candidate fits, the search backtracks.
 
-Operations with an unknown outcome (timeouts, resets, 503 on a write) have no response:
+Operations with an unknown outcome (timeouts, resets, 504 on a write) have no response:
 they may take effect at any moment after their invocation, or never.  They are never
 required, and they are placed only right before a definite operation that could not take
 effect without them (one or two at a time, which is enough; see ``chains``), so a history

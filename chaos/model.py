@@ -13,7 +13,7 @@ delete    204: was present, now absent                404: absent, unchanged
 ========  ==========================================  ==============================
 
 An operation whose answer never came, or whose answer does not say whether the write
-happened (a timeout, a reset connection, a 503 on a write), has ``status=None``: it may
+happened (a timeout, a reset connection, a 504 on a write), has ``status=None``: it may
 have taken effect at any moment after its invocation, or never.
 """
 

@@ -70,6 +70,9 @@ class DatabaseUnavailable(Exception):
 #: answered (the server's own cancel would have arrived by then).
 STATEMENT_TIMEOUT_BACKSTOP = 0.5
 
+#: A write's COMMIT is sent only with this much of its time left (see :func:`_committed`).
+COMMIT_MIN_TIME = 0.1
+
 
 class DatabaseBusy(Exception):
     """Every connection is in use and too many requests already wait for one."""
@@ -185,17 +188,21 @@ async def _committed(conn: asyncpg.Connection, budget: float, sql: str, *args: A
     try:
         value = await conn.fetchval(sql, *args, timeout=left())
     except asyncpg.PostgresError as exc:
-        # The statement's own error (statement_timeout, a missing table): end the failed
-        # transaction, so that the connection can serve again.
+        # The statement's own error (a missing table): end the failed transaction, so that
+        # the connection can serve again. After one of CONNECTION_ERRORS (statement_timeout
+        # is one) the connection is dropped instead.
         if not isinstance(exc, CONNECTION_ERRORS):
             await conn.execute(SQL_ROLLBACK, timeout=left())
         raise
+    if deadline - loop.time() < COMMIT_MIN_TIME:
+        # A COMMIT this late would most likely be applied and still answered "unknown":
+        # give up before it, and the answer is a definite 503.
+        raise TimeoutError("no time left to commit")
     try:
         await conn.execute(SQL_COMMIT, timeout=left())
     except Exception as exc:
-        # The connection broke, the answer is late, or the COMMIT itself failed (its
-        # statement_timeout can fire once the commit is durable): any of these may follow a
-        # commit that happened.
+        # A broken connection or a late answer may follow a commit that happened. (An error
+        # PostgreSQL answers itself means it did not; too rare here to answer apart.)
         raise WriteOutcomeUnknown(
             f"the database did not confirm the commit within {budget:g}s: {describe(exc)}"
         ) from exc
@@ -328,6 +335,11 @@ class Database:
                 # A client that only gives up and drops the connection leaves the statement
                 # running: one waiting on a lock would still write after its 503.
                 "statement_timeout": f"{max(1, round(cfg.db_command_timeout * 1000))}ms",
+                # A write's transaction waits for its COMMIT only while the replica still
+                # waits for it (see _committed). One whose connection was cut, not closed,
+                # would otherwise hold its row locks until TCP gives up, hours later.
+                "idle_in_transaction_session_timeout":
+                    f"{round((cfg.db_command_timeout + STATEMENT_TIMEOUT_BACKSTOP) * 1000)}ms",
             },
         )
 
@@ -468,8 +480,11 @@ class Database:
             raise
         except WriteOutcomeUnknown as exc:
             error("outcome_unknown")
-            if isinstance(exc.__cause__, CONNECTION_ERRORS):
-                self._lost(pool, exc.__cause__)
+            cause = exc.__cause__
+            if isinstance(cause, CONNECTION_ERRORS) and not isinstance(
+                cause, asyncpg.QueryCanceledError
+            ):
+                self._lost(pool, cause)
             raise
         except (TimeoutError, asyncpg.QueryCanceledError) as exc:
             error("timeout")

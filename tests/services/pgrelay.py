@@ -35,13 +35,17 @@ class PgRelay:
       they are delivered, then an EOF: what such a database finds when it resumes.
     - ``hold="answers"``: that message goes through, and nothing the server answers from then
       on reaches the client: a database whose answers are lost.
+    - ``hold="cut"``: that message and all after it are dropped, and the server never learns
+      that the client left (no EOF until the relay closes): a network cut.
 
-    ``ended`` is set once the server has closed that connection (its backend is gone, so what
-    it did is final); ``answered``, once a held answer arrived (the server ran the message).
+    ``answered`` is set once the server answered that connection after the hold began (it ran
+    what it was given); ``ended``, once the server closed it (its backend is gone, so what it
+    did is final).
     """
 
     def __init__(
-        self, target: tuple[str, int], rule: Rule, *, hold: Literal["requests", "answers"]
+        self, target: tuple[str, int], rule: Rule, *,
+        hold: Literal["requests", "answers", "cut"],
     ) -> None:
         self._target = target
         self._rule = rule
@@ -87,13 +91,11 @@ class PgRelay:
         except BaseException:
             client_out.close()
             raise
-        answers_held = asyncio.Event()
-        to_client = asyncio.create_task(self._answers(server_in, client_out, answers_held))
+        holding = asyncio.Event()
+        to_client = asyncio.create_task(self._answers(server_in, client_out, holding))
         try:
-            holding = await self._requests(client_in, server_out, answers_held)
+            await self._requests(client_in, server_out, holding)
             await to_client
-            if holding:
-                self.ended.set()
         finally:
             to_client.cancel()
             server_out.close()
@@ -101,10 +103,10 @@ class PgRelay:
 
     async def _requests(
         self, client_in: asyncio.StreamReader, server_out: asyncio.StreamWriter,
-        answers_held: asyncio.Event,
-    ) -> bool:
-        """Pass the client's messages on until it leaves; whether this connection held."""
-        holding = False
+        holding: asyncio.Event,
+    ) -> None:
+        """Pass the client's messages on until it leaves (``holding`` set: this connection
+        holds)."""
         seen: Seen = []
         held = bytearray()
         try:
@@ -120,34 +122,37 @@ class PgRelay:
                     kind = head[:1]
                     body = await client_in.readexactly(int.from_bytes(head[1:], "big") - 4)
                 if self._armed and not self._claimed and self._rule(kind, body, seen):
-                    self._claimed = holding = True
+                    self._claimed = True
                     self.holding.set()
-                    if self._hold == "answers":
-                        answers_held.set()
+                    holding.set()
                 seen.append((kind, body))
-                if holding and self._hold == "requests":
+                if holding.is_set() and self._hold != "answers":
                     held += head + body
                 else:
                     server_out.write(head + body)
                     await server_out.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the client is gone
+        if holding.is_set() and self._hold == "cut":
+            await asyncio.Event().wait()  # until the relay closes
         with contextlib.suppress(ConnectionError):
             server_out.write(bytes(held))
             server_out.write_eof()
             await server_out.drain()
-        return holding
 
     async def _answers(
         self, server_in: asyncio.StreamReader, client_out: asyncio.StreamWriter,
-        held: asyncio.Event,
+        holding: asyncio.Event,
     ) -> None:
         """Copy the server's answers to the client until the server closes (the client may be
         gone already: the server's end is still what tells that the backend finished)."""
         with contextlib.suppress(ConnectionError):
             while data := await server_in.read(65536):
-                if held.is_set():
+                if holding.is_set():
                     self.answered.set()
-                    continue
+                    if self._hold == "answers":
+                        continue
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     client_out.write(data)
+        if holding.is_set():
+            self.ended.set()

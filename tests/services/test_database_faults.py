@@ -14,7 +14,7 @@ import pytest
 
 from services.db import Database
 from stack.pg import EmbeddedPostgres, StopMode
-from tests.services.conftest import RunningService, config_for, run_service
+from tests.services.conftest import RunningService, config_for, run_service, stopped
 
 JSON = {"Accept": "application/json"}
 
@@ -258,28 +258,16 @@ async def test_unexpected_database_state_is_a_logged_500_in_the_clients_format(
 async def test_a_hung_database_answers_within_one_command_timeout(
     own_postgres: EmbeddedPostgres,
 ) -> None:
-    import signal
     import time
-
-    import psutil
 
     async with service_on(own_postgres, db_command_timeout=2.0) as service, \
             aiohttp.ClientSession() as http:
         async with http.post(f"{service.url}/set_var", json={"key": "k", "value": "v"}) as r:
             assert r.status == 201
-        assert own_postgres.pid is not None
-        # Every backend leads its own process group (PostgreSQL calls setsid()): stop each.
-        postmaster = psutil.Process(own_postgres.pid)
-        server = [postmaster, *postmaster.children(recursive=True)]
-        for process in server:
-            process.send_signal(signal.SIGSTOP)
-        try:
+        with stopped(own_postgres):
             started = time.monotonic()
             async with http.get(f"{service.url}/get_var?key=k") as r:
                 assert (r.status, await r.text()) == (503, "database unavailable")
             # Not two timeouts: the connection is dropped, not handed back after asyncpg's
             # cancel request (which a stopped server never answers) times out too.
             assert time.monotonic() - started < 2.0 * 1.75
-        finally:
-            for process in server:
-                process.send_signal(signal.SIGCONT)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +18,7 @@ import pytest
 
 from services.api import WRITE_OUTCOME_UNKNOWN
 from stack.pg import EmbeddedPostgres
-from tests.services.conftest import RunningService, config_for, run_service
+from tests.services.conftest import RunningService, config_for, run_service, stopped
 from tests.services.pgrelay import PgRelay, Rule, after_begin, is_commit
 
 #: Short, so that each test waits for the replica to give up about 1.5 s.
@@ -55,16 +55,28 @@ async def seeded(conn: asyncpg.Connection) -> None:
     await conn.executemany("INSERT INTO public.variables VALUES ($1, $2)", BEFORE.items())
 
 
+async def send(http: aiohttp.ClientSession, service: RunningService, write: Write,
+               body: dict[str, str] | None = None, **kwargs: Any) -> tuple[int, str]:
+    async with http.request(write.method, service.url + write.path,
+                            json=write.body if body is None else body, **kwargs) as r:
+        # Every 503 says when to retry; no other answer does (a 504's retry may meet its write).
+        assert ("Retry-After" in r.headers) == (r.status == 503)
+        return r.status, await r.text()
+
+
 @contextlib.asynccontextmanager
 async def service_behind(
-    postgres: Any, rule: Rule, **hold: Any
+    postgres: Any, http: aiohttp.ClientSession, write: Write, rule: Rule, **hold: Any
 ) -> AsyncIterator[tuple[RunningService, PgRelay]]:
     """The service with its one pool connection through a :class:`PgRelay`, armed once the
-    service is ready."""
+    service is ready and has served ``write.warm_up``: the write's statement is prepared on
+    the connection, as on any replica that served a while, so one message executes it."""
     async with PgRelay((postgres.host, int(postgres.port)), rule, **hold) as relay:
         config = config_for(postgres, pg_host="127.0.0.1", pg_port=relay.port,
                             db_command_timeout=COMMAND_TIMEOUT, pool_min_size=1, pool_max_size=1)
         async with run_service(config) as service:
+            status, _ = await send(http, service, write, write.warm_up)
+            assert status < 500
             relay.arm()
             yield service, relay
 
@@ -74,19 +86,19 @@ async def test_a_statement_the_database_did_not_answer_is_rolled_back_when_it_ge
     postgres: Any, clean_db: asyncpg.Connection, http: aiohttp.ClientSession, write: Write
 ) -> None:
     await seeded(clean_db)
-    async with service_behind(postgres, after_begin, hold="requests") as (service, relay):
-        async with http.request(write.method, service.url + write.path, json=write.body) as r:
-            assert (r.status, await r.text()) == (503, "database unavailable")
-            assert r.headers["Retry-After"] == "1"
+    async with service_behind(postgres, http, write, after_begin, hold="requests") as (
+        service, relay
+    ):
+        assert await send(http, service, write) == (503, "database unavailable")
         assert relay.holding.is_set()
         # The replica dropped the connection; the database now runs the statement it finds
         # in its socket, then meets the end of the connection with the transaction open.
         async with asyncio.timeout(10):
             await relay.ended.wait()
+        assert relay.answered.is_set()  # it did run it
         assert await table(clean_db) == BEFORE
         # The replica serves on, with a new connection.
-        async with http.request(write.method, service.url + write.path, json=write.body) as r:
-            assert r.status in (200, 201, 204)
+        assert (await send(http, service, write))[0] in (200, 201, 204)
         assert await table(clean_db) == write.applied
 
 
@@ -95,11 +107,11 @@ async def test_a_commit_the_database_did_not_confirm_is_a_504_outcome_unknown(
 ) -> None:
     await seeded(clean_db)
     write = WRITES[0]
-    async with service_behind(postgres, is_commit, hold="answers") as (service, relay):
-        async with http.request(write.method, service.url + write.path, json=write.body,
-                                headers={"Accept": "application/json"}) as r:
-            assert (r.status, await r.json()) == (504, {"error": WRITE_OUTCOME_UNKNOWN})
-            assert "Retry-After" not in r.headers
+    async with service_behind(postgres, http, write, is_commit, hold="answers") as (
+        service, relay
+    ):
+        status, text = await send(http, service, write, headers={"Accept": "application/json"})
+        assert (status, json.loads(text)) == (504, {"error": WRITE_OUTCOME_UNKNOWN})
         assert relay.answered.is_set()  # the server did commit: the answer was lost
         async with asyncio.timeout(10):
             await relay.ended.wait()
@@ -109,6 +121,24 @@ async def test_a_commit_the_database_did_not_confirm_is_a_504_outcome_unknown(
         # What the answer tells the client to do: read before retrying.
         async with http.get(f"{service.url}/get_var?key=created") as r:
             assert (r.status, await r.text()) == (200, "late")
+
+
+async def test_a_transaction_cut_off_from_its_replica_does_not_hold_its_row_lock(
+    postgres: Any, clean_db: asyncpg.Connection, http: aiohttp.ClientSession
+) -> None:
+    """The network cut between the statement and the COMMIT: the replica answers 504, and the
+    server, which never learns that the replica left, ends the idle transaction itself (its
+    idle_in_transaction_session_timeout) instead of holding the row lock until TCP gives up."""
+    await seeded(clean_db)
+    write = WRITES[1]  # edit_var: it holds the row's lock until its transaction ends
+    async with service_behind(postgres, http, write, is_commit, hold="cut") as (service, relay):
+        assert (await send(http, service, write))[0] == 504
+        async with asyncio.timeout(10):
+            await relay.ended.wait()
+        assert await table(clean_db) == BEFORE  # rolled back
+        assert await send(http, service, write, {"key": "edited", "value": "now"}) == (
+            200, "variable edited")
+        assert await table(clean_db) == {**BEFORE, "edited": "now"}
 
 
 @pytest.mark.parametrize("write", WRITES, ids=lambda w: w.path[1:])
@@ -124,26 +154,11 @@ async def test_a_write_sent_to_a_stopped_database_is_not_applied_when_it_resumes
     try:
         async with run_service(config) as service, aiohttp.ClientSession() as http:
             await seeded(conn)
-            # The statement prepared on the connection, as on any replica that served a while:
-            # from then on, one message executes it.
-            async with http.request(write.method, service.url + write.path,
-                                    json=write.warm_up) as r:
-                assert r.status < 500
+            assert (await send(http, service, write, write.warm_up))[0] < 500
             backend = psutil.Process(await conn.fetchval(
                 "SELECT pid FROM pg_stat_activity WHERE application_name = 'varstack-service'"))
-            assert own_postgres.pid is not None
-            postmaster = psutil.Process(own_postgres.pid)
-            # Every backend leads its own process group (PostgreSQL calls setsid()): stop each.
-            server = [postmaster, *postmaster.children(recursive=True)]
-            for process in server:
-                process.send_signal(signal.SIGSTOP)
-            try:
-                async with http.request(write.method, service.url + write.path,
-                                        json=write.body) as r:
-                    assert (r.status, await r.text()) == (503, "database unavailable")
-            finally:
-                for process in server:
-                    process.send_signal(signal.SIGCONT)
+            with stopped(own_postgres):
+                assert await send(http, service, write) == (503, "database unavailable")
             # The dropped connection's backend reads what was sent, then the end of the
             # connection, and exits: after that, nothing more can be written in its name.
             await asyncio.to_thread(backend.wait, 20)
