@@ -145,9 +145,9 @@ def verdict(t: Target, values: list[float]) -> str:
     met = s.median >= t.threshold if t.at_least else s.median <= t.threshold
     if met:
         return "**met**"
-    if t.at_least:
-        return f"missed by {(1 - s.median / t.threshold) * 100:.0f}%"
-    return f"missed by {(s.median / t.threshold - 1) * 100:.0f}%"
+    short = (1 - s.median / t.threshold) if t.at_least else (s.median / t.threshold - 1)
+    # Under 1%, a whole percent would read "missed by 0%".
+    return f"missed by {short * 100:.{1 if short < 0.01 else 0}f}%"
 
 
 def targets_table(results: Results) -> str:
