@@ -39,9 +39,9 @@ from chaos.model import KINDS, STATUSES, Kind, Op, State
 NOT_FOUND_MESSAGE = "variable not found"
 EXISTS_MESSAGE = "variable already exists"
 CLIENT_ERRORS = frozenset({400, 405, 413})
+"""Answers after which nothing was stored (README: 'Nothing is stored for any of these')."""
 NOT_APPLIED_503 = frozenset({"database busy, retry later", "database unavailable"})
 """The service's 503s (README: *When the database goes away*); another 503 proves nothing."""
-"""Answers after which nothing was stored (README: 'Nothing is stored for any of these')."""
 
 
 class Outcome(enum.Enum):
