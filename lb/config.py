@@ -95,7 +95,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="LB_IDLE_TIMEOUT", attr="idle_timeout", default="300",
             help="seconds without a byte either way before a connection is closed"),
     Setting(env="LB_HALF_CLOSE_TIMEOUT", attr="half_close_timeout", default="30",
-            help="idle seconds allowed once one side has half-closed"),
+            help="idle seconds allowed once one side has half-closed (`LB_IDLE_TIMEOUT` when "
+                 "that is shorter)"),
     Setting(env="LB_MAX_CONNECTIONS", attr="max_connections", default="4096",
             help="concurrent client connections; beyond it new clients wait in the kernel backlog"),
     Setting(env="LB_BACKLOG", attr="backlog", default="1024",
@@ -104,14 +105,15 @@ SETTINGS: tuple[Setting, ...] = (
             help="bytes buffered per direction before reading from the sender pauses "
                  "(1024 to 1 GiB)"),
     Setting(env="LB_DRAIN_TIMEOUT", attr="drain_timeout", default="8",
-            help="seconds open connections get to finish on SIGTERM (< 10 s stop grace)"),
+            help="seconds open connections get to finish on SIGTERM; below 10 (Docker's default "
+                 "stop grace; `compose.yaml` gives 15 s)"),
     Setting(env="LB_LOOP", attr="loop", default="auto",
             help="event loop: `auto` (uvloop when installed), `uvloop` or `asyncio`"),
     Setting(env="LB_IO_URING", attr="io_uring", default="off",
             help="`on` lets uvloop's libuv batch `epoll_ctl` through io_uring; `off` keeps it "
                  "on plain `epoll_ctl` by creating the loop in a short-lived thread that a seccomp "
                  "filter keeps from io_uring (as container engines do; a few per cent more new "
-                 "connections/s)"),
+                 "connections/s, measured; no effect under `LB_LOOP=asyncio`)"),
     Setting(env="LB_LOG_LEVEL", attr="log_level", default="info",
             help="`debug` (one line per closed connection), `info`, `warning` or `error`"),
 )

@@ -54,7 +54,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="SERVICE_MAX_WAITING", attr="max_waiting", default="512",
             help="requests allowed to wait for a connection; beyond it, 503 at once"),
     Setting(env="SERVICE_READ_CONCURRENCY", attr="read_concurrency", default="1",
-            help="GET statements run at once; GETs arriving meanwhile wait and are read together"),
+            help="GET statements run at once; GETs arriving meanwhile wait and are read together, "
+                 "in one statement"),
     Setting(env="SERVICE_DB_COMMAND_TIMEOUT", attr="db_command_timeout", default="5.0",
             help="seconds one SQL statement may take before 503"),
     Setting(env="SERVICE_DB_CONNECT_TIMEOUT", attr="db_connect_timeout", default="5.0",
@@ -68,7 +69,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="SERVICE_MAX_KEY_BYTES", attr="max_key_bytes", default="1024",
             help="longest key in UTF-8 bytes; longer gets 400"),
     Setting(env="SERVICE_SHUTDOWN_TIMEOUT", attr="shutdown_timeout", default="8.0",
-            help="seconds in-flight requests get to finish on SIGTERM (< 10 s stop grace)"),
+            help="seconds in-flight requests get to finish on SIGTERM; keep it below the stop "
+                 "grace (Docker's default 10 s; `compose.yaml` gives 15 s)"),
     Setting(env="SERVICE_LOOP", attr="loop", default="auto",
             help="event loop: auto (uvloop when installed), uvloop or asyncio"),
     Setting(env="SERVICE_LOG_LEVEL", attr="log_level", default="info",
