@@ -593,7 +593,9 @@ def target_problem(url: str, timeout: float = 5.0) -> str | None:
 def section_target(tools: Tools, opts: Options, results: Results) -> None:
     assert opts.target is not None
     url = opts.target.rstrip("/")
-    per_thread = 2000
+    # As many as a delete run can reach (through the API, under 2,000/s per wrk thread here),
+    # so its figure is deletes, not 404s.
+    per_thread = max(2000, int(opts.seconds * 3000))
     say(f"target {url}: seeding {opts.bench_keys} keys and {WRK_THREADS_SERVICE}x{per_thread} "
         "delete keys through the API")
 
@@ -623,8 +625,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                              "--target: target)")
     parser.add_argument("--target", help="measure this running stack (http://host:port) instead "
                                          "of starting one")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                        help="where the report and plots go (default bench/results)")
+    parser.add_argument("--out", type=Path,
+                        help="where the report and plots go (default bench/results; with "
+                             "--replot, required)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not apt-get install missing tools")
     parser.add_argument("--replot", type=Path, metavar="RAW_JSON",
@@ -646,8 +649,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
                          f"got {args.target!r}")
     if args.replot is not None and not args.replot.is_file():
         parser.error(f"--replot: no such file: {args.replot}")
-    if args.sections:
+    if args.replot is not None and args.out is None:
+        # Not bench/results by default: that would rewrite a committed report in today's words.
+        parser.error("--replot needs --out DIR: the committed report stays as its run wrote it")
+    if args.sections is not None:
         sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+        if not sections:
+            parser.error(f"--sections names no section: {args.sections!r}")
     else:
         sections = ("target",) if args.target else ("balancer", "service", "stack")
     bad = set(sections) - {"balancer", "service", "stack", "target"}
@@ -655,6 +663,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error(f"unknown sections: {', '.join(sorted(bad))}")
     if "target" in sections and not args.target:
         parser.error("the target section needs --target URL")
+    if args.target and sections != ("target",):
+        parser.error("--target measures a running stack: --sections can only be target with it")
     return Options(
         rounds=rounds,
         seconds=float(seconds),
@@ -662,7 +672,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         quick=args.quick,
         sections=sections,
         target=args.target,
-        out=args.out,
+        out=RESULTS_DIR if args.out is None else args.out,
         install=not args.no_install,
         bench_keys=BENCH_KEYS,
         replot=args.replot,

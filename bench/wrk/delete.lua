@@ -1,6 +1,7 @@
--- DELETE /delete_var?key=… walking through keys "del-<thread>-<n>" that bench/run.py seeded
--- (BENCH_DELETE_KEYS per thread); past them the answers are 404 and still cost one statement.
-package.path = debug.getinfo(1, "S").source:match("@?(.*/)") .. "?.lua;" .. package.path
+-- DELETE /delete_var?key=… walking through keys "del-<thread>-<n>" (n from 1) that bench/run.py
+-- seeds before each delete run (python -m bench --target URL seeds them through the API); a
+-- run deletes them, and past them the answers are 404, which still cost one statement.
+package.path = (debug.getinfo(1, "S").source:match("@?(.*/)") or "./") .. "?.lua;" .. package.path
 local c = require("common")
 setup = c.setup
 local n = 0

@@ -1,5 +1,5 @@
 -- PUT /edit_var on pre-seeded keys: every answer should be 200.
-package.path = debug.getinfo(1, "S").source:match("@?(.*/)") .. "?.lua;" .. package.path
+package.path = (debug.getinfo(1, "S").source:match("@?(.*/)") or "./") .. "?.lua;" .. package.path
 local c = require("common")
 setup = c.setup
 request = function()

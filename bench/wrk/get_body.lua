@@ -1,5 +1,5 @@
 -- GET /get_var with the key in a JSON body: the original clients' style.
-package.path = debug.getinfo(1, "S").source:match("@?(.*/)") .. "?.lua;" .. package.path
+package.path = (debug.getinfo(1, "S").source:match("@?(.*/)") or "./") .. "?.lua;" .. package.path
 local c = require("common")
 setup = c.setup
 request = function()

@@ -1,5 +1,5 @@
 -- GET /get_var?key=… on pre-seeded keys.
-package.path = debug.getinfo(1, "S").source:match("@?(.*/)") .. "?.lua;" .. package.path
+package.path = (debug.getinfo(1, "S").source:match("@?(.*/)") or "./") .. "?.lua;" .. package.path
 local c = require("common")
 setup = c.setup
 request = function()

@@ -1,6 +1,6 @@
 -- A realistic mix on pre-seeded keys: 80% reads (half query, half JSON body), 15% edits,
 -- 5% creates of new keys.
-package.path = debug.getinfo(1, "S").source:match("@?(.*/)") .. "?.lua;" .. package.path
+package.path = (debug.getinfo(1, "S").source:match("@?(.*/)") or "./") .. "?.lua;" .. package.path
 local c = require("common")
 setup = c.setup
 local n = 0

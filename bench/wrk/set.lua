@@ -1,5 +1,5 @@
 -- POST /set_var of keys no one created before: every answer should be 201.
-package.path = debug.getinfo(1, "S").source:match("@?(.*/)") .. "?.lua;" .. package.path
+package.path = (debug.getinfo(1, "S").source:match("@?(.*/)") or "./") .. "?.lua;" .. package.path
 local c = require("common")
 setup = c.setup
 local n = 0

@@ -41,6 +41,10 @@ def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         (("--target", "ftp://host"), "--target must be an http:// URL"),
         (("--target", "127.0.0.1:3000"), "--target must be an http:// URL"),
         (("--replot", "no/such/run.json"), "--replot: no such file: no/such/run.json"),
+        (("--replot", str(RAW_RUN)), "--replot needs --out DIR"),
+        (("--sections", ","), "--sections names no section: ','"),
+        (("--target", "http://127.0.0.1:3000", "--sections", "balancer"),
+         "--sections can only be target with it"),
     ],
 )
 def test_bad_options_are_refused_before_anything_starts(

@@ -132,5 +132,5 @@ def test_a_run_without_the_account_keeps_the_profiles_reasoning() -> None:
     results.add("stack_get_rps", "ours-2", 3000)
     assert report.cpu_split_section(results) == []
     why = report.targets_table(results)
-    assert "Two cores hold wrk, the balancer, both replicas and PostgreSQL" in why
+    assert "two cores hold wrk, the balancer, both replicas and PostgreSQL" in why
     assert "In this run" not in why
