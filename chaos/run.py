@@ -53,17 +53,20 @@ from chaos.system import (
     baseline,
     check_durability,
     check_leaks,
+    hang_database,
     hang_replica,
     judge,
     kill_replica,
     restart_database,
+    setting,
     stack_config,
     summarize_failures,
 )
+from services.db import STATEMENT_TIMEOUT_BACKSTOP
 from stack.process import Output
 from stack.supervisor import Stack
 
-FAULTS = ("kill", "hang", "pg-fast", "pg-immediate")
+FAULTS = ("kill", "hang", "pg-fast", "pg-immediate", "pg-hang")
 
 
 @dataclass
@@ -126,6 +129,11 @@ async def run_faults(stack: Stack, lines: Lines, plan: Plan, out: TextIO) -> Rep
                 fault = await hang_replica(stack, 1, hold=1.0)
             elif name in ("pg-fast", "pg-immediate"):
                 fault = await restart_database(stack, name.removeprefix("pg-"), down_for=2.0)
+            elif name == "pg-hang":
+                # Past a write's whole budget, so writes in flight meet it.
+                budget = (setting(stack.config.environ, "SERVICE_DB_COMMAND_TIMEOUT")
+                          + STATEMENT_TIMEOUT_BACKSTOP)
+                fault = await hang_database(stack, hold=budget + 1.5)
             else:
                 raise ValueError(f"unknown fault {name!r}; choose from {', '.join(FAULTS)}")
             faults.append(fault)

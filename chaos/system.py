@@ -10,9 +10,9 @@ A fault is judged against the promises it tests:
 - replica killed (SIGKILL): a request may fail only if its connection was opened before
   the replica was dead *and* that connection was piped to that replica;
 - replica hung (SIGSTOP): likewise, with "marked down by the balancer" instead of "dead";
-- PostgreSQL restarted: while it is away, a request may get ``503 database unavailable``, or
-  a write ``504`` (its COMMIT cut off: outcome unknown), never a 500, never silence; after it
-  is back, nothing may fail;
+- PostgreSQL restarted or hung (SIGSTOP): while it is away, a request may get ``503 database
+  unavailable`` (or ``busy``, its connections all stuck), or a write ``504`` (its COMMIT cut
+  off: outcome unknown), never a 500, never silence; after it is back, nothing may fail;
 - anything else (garbage from other clients, ...): nothing may fail.
 """
 
@@ -28,7 +28,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,7 +49,11 @@ from stack.supervisor import Stack, http_status, port_in_use
 FAST_ENV: dict[str, str] = {
     "SERVICE_ACCESS_LOG": "off",
     "SERVICE_DB_RETRY_MAX_DELAY": "0.5",
-    "SERVICE_DB_CONNECT_TIMEOUT": "2",
+    # A request's longest answer while the database hangs, a pool wait then a connect or a
+    # write's whole budget (1.5 + 0.5 s), stays below LB_IDLE_TIMEOUT: it gets its 503.
+    "SERVICE_DB_CONNECT_TIMEOUT": "1.5",
+    "SERVICE_DB_COMMAND_TIMEOUT": "1.5",
+    "SERVICE_POOL_ACQUIRE_TIMEOUT": "0.5",
     "SERVICE_HEALTH_TIMEOUT": "0.5",
     "LB_LOG_LEVEL": "debug",  # one line per closed connection: which replica a port went to
     "LB_CHECK_INTERVAL": "0.25",
@@ -217,8 +221,8 @@ class Fault:
     name: str
     kind: str
     """``replica`` (failures allowed on connections to ``target`` opened before
-    ``effective``), ``database`` (503 database unavailable allowed until ``recovered``)
-    or ``none`` (nothing may fail)."""
+    ``effective``), ``database`` (the service's 503s, and a write's 504, allowed until
+    ``recovered``) or ``none`` (nothing may fail)."""
     started: float
     effective: float
     """When the fault was in full effect: the replica reaped, marked down, the database
@@ -306,6 +310,50 @@ async def restart_database(stack: Stack, mode: str, *, down_for: float = 2.0,
     return fault
 
 
+@contextlib.contextmanager
+def stopped_postgres(postmaster_pid: int) -> Iterator[None]:
+    """Every process of the PostgreSQL whose postmaster is ``postmaster_pid`` SIGSTOPped for
+    the block (a frozen machine, a stalled VM), then SIGCONT."""
+    import psutil  # the test extra, which `make chaos` installs
+
+    postmaster = psutil.Process(postmaster_pid)
+    # Every backend leads its own process group (PostgreSQL calls setsid()): stop each.
+    server = [postmaster, *postmaster.children(recursive=True)]
+    for process in server:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a short-lived worker that ended
+            process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for process in server:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGCONT)
+
+
+async def hang_database(stack: Stack, *, hold: float, timeout: float = 60.0) -> Fault:
+    """SIGSTOP the embedded PostgreSQL, every process of it (a frozen machine, a stalled VM),
+    for ``hold`` seconds, then SIGCONT; wait until every replica is healthy and a write goes
+    through the balancer. The writes answered 503 meanwhile must never be applied: the
+    history check counts them as not applied."""
+    db = stack.database
+    assert db is not None, "the database faults need the embedded PostgreSQL"
+    assert db.pid is not None, "the embedded PostgreSQL is not running"
+    started = time.monotonic()
+    with stopped_postgres(db.pid):
+        await asyncio.sleep(hold)
+    resumed = time.monotonic()
+
+    async def whole() -> bool:
+        if not await every_replica_healthy(stack):
+            return False
+        return await _write_through(stack)
+
+    recovered = await wait_until(whole, timeout=timeout, step=0.05,
+                                 what="every replica healthy and a write through the balancer")
+    return Fault("PostgreSQL hung (SIGSTOP)", "database", started, started, recovered,
+                 recovery=recovered - resumed, details={"hung": resumed - started})
+
+
 async def _write_through(stack: Stack) -> bool:
     key = f"probe-{time.monotonic_ns()}"
     conn = Connection(stack.config.client_host, stack.config.lb_port)
@@ -385,8 +433,10 @@ def _explains(fault: Fault, a: Attempt, ports: Mapping[int, list[tuple[str, str]
         return (a.opened is not None and a.opened < fault.effective
                 and fault.target in replica_of(a, ports))
     if fault.kind == "database":
-        # 504: a write whose COMMIT the restart cut off, which may have been applied.
-        return (((a.status == 503 and a.message.startswith("database unavailable"))
+        # 504: a write whose COMMIT the fault cut off, which may have been applied; busy: a
+        # pool whose connections all wait on a database that hangs.
+        return (((a.status == 503 and a.message.startswith(("database unavailable",
+                                                             "database busy")))
                  or (a.status == 504 and a.message.startswith("database did not confirm")))
                 and a.invoke < fault.recovered)
     return False

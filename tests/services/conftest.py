@@ -8,16 +8,16 @@ import dataclasses
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
-import psutil
 import pytest
 
+from chaos.system import stopped_postgres
 from services.api import DATABASE
 from services.config import Config
 from services.db import Database, schema_sql
@@ -47,22 +47,10 @@ def config_for(pg: Any, **overrides: Any) -> Config:
     return dataclasses.replace(base, **overrides)
 
 
-@contextlib.contextmanager
-def stopped(pg: EmbeddedPostgres) -> Iterator[None]:
+def stopped(pg: EmbeddedPostgres) -> contextlib.AbstractContextManager[None]:
     """The whole server SIGSTOPped (a frozen machine, a stalled VM) for the block, then SIGCONT."""
     assert pg.pid is not None
-    postmaster = psutil.Process(pg.pid)
-    # Every backend leads its own process group (PostgreSQL calls setsid()): stop each.
-    server = [postmaster, *postmaster.children(recursive=True)]
-    for process in server:
-        with contextlib.suppress(psutil.NoSuchProcess):  # a short-lived worker that ended
-            process.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for process in server:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.send_signal(signal.SIGCONT)
+    return stopped_postgres(pg.pid)
 
 
 @dataclass

@@ -23,12 +23,15 @@ from chaos.system import (
     counter_text,
     free_port_run,
     get_json,
+    hang_database,
     judge,
     restart_database,
+    setting,
     stop_children,
     summarize_failures,
     wait_until,
 )
+from services.db import STATEMENT_TIMEOUT_BACKSTOP
 from stack.pg import EmbeddedPostgres
 from stack.process import Child, Output, RestartPolicy
 from stack.supervisor import http_status
@@ -65,6 +68,37 @@ async def test_postgresql_restarted_under_load(system: StackFactory, mode: str) 
         assert all(a.status == 503 for a in down), summarize_failures(
             [a for a in down if a.status != 503])
         assert all(a.retry_after == "1" for a in down)
+        after = [a for a in load.attempts if a.invoke >= fault.recovered]
+        assert after
+        assert not [a for a in after if a.failed]
+        await finish(stack, load, base)
+
+
+async def test_postgresql_hung_under_load(system: StackFactory) -> None:
+    """The database SIGSTOPped past a write's whole budget: requests get the service's 503
+    (or a write a 504), never a reset or a 500; and no write answered 503 is applied when it
+    resumes and runs what waited in its sockets (the history check counts those writes as
+    not applied, so one applied after all fails it)."""
+    async with system(restart_delay=120.0) as (stack, lines):
+        base = await baseline(stack)
+        load = load_for(stack, "pg-hang", fresh_workers=4, keepalive_workers=4, max_seconds=90)
+        budget = (setting(stack.config.environ, "SERVICE_DB_COMMAND_TIMEOUT")
+                  + STATEMENT_TIMEOUT_BACKSTOP)
+        load.start()
+        try:
+            await load.wait_for(300)
+            fault = await hang_database(stack, hold=budget + 1.5)
+            await load.wait_for(300)
+        finally:
+            await load.stop()
+        verdict = judge(fault, load, lines.of("load_balancer"), until=float("inf"))
+        print(f"{fault.name}: hung {fault.details['hung']:.1f}s, whole again "
+              f"{fault.recovery:.2f}s after SIGCONT; {len(load.attempts)} requests, "
+              f"{len(verdict.failures)} failed ({verdict.why()})")
+        assert not verdict.unexplained, summarize_failures(verdict.unexplained)
+        hung = [a for a in load.attempts if a.failed and a.invoke < fault.recovered]
+        assert hung, "no request met the hung database"
+        assert all(a.status in (503, 504) for a in hung), summarize_failures(hung)
         after = [a for a in load.attempts if a.invoke >= fault.recovered]
         assert after
         assert not [a for a in after if a.failed]
