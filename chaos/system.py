@@ -294,14 +294,7 @@ async def restart_database(stack: Stack, mode: str, *, down_for: float = 2.0,
     restarting = time.monotonic()
     await asyncio.to_thread(db.start)
     db_up = time.monotonic()
-
-    async def whole() -> bool:
-        if not await every_replica_healthy(stack):
-            return False
-        return await _write_through(stack)
-
-    recovered = await wait_until(whole, timeout=timeout, step=0.05,
-                                 what="every replica healthy and a write through the balancer")
+    recovered = await _database_whole(stack, timeout=timeout)
     fault = Fault(f"PostgreSQL restarted ({mode})", "database", started, stopped, recovered,
                   recovery=recovered - db_up,
                   details={"down": restarting - stopped, "start": db_up - restarting})
@@ -342,16 +335,20 @@ async def hang_database(stack: Stack, *, hold: float, timeout: float = 60.0) -> 
     with stopped_postgres(db.pid):
         await asyncio.sleep(hold)
     resumed = time.monotonic()
+    recovered = await _database_whole(stack, timeout=timeout)
+    return Fault("PostgreSQL hung (SIGSTOP)", "database", started, started, recovered,
+                 recovery=recovered - resumed, details={"hung": resumed - started})
 
+
+async def _database_whole(stack: Stack, *, timeout: float) -> float:
+    """When every replica is healthy again and a write goes through the balancer."""
     async def whole() -> bool:
         if not await every_replica_healthy(stack):
             return False
         return await _write_through(stack)
 
-    recovered = await wait_until(whole, timeout=timeout, step=0.05,
-                                 what="every replica healthy and a write through the balancer")
-    return Fault("PostgreSQL hung (SIGSTOP)", "database", started, started, recovered,
-                 recovery=recovered - resumed, details={"hung": resumed - started})
+    return await wait_until(whole, timeout=timeout, step=0.05,
+                            what="every replica healthy and a write through the balancer")
 
 
 async def _write_through(stack: Stack) -> bool:
