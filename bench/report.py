@@ -38,7 +38,7 @@ IDLE_TARGET_CONNECTIONS = 5000
 
 def _idle_unjudged(r: Results) -> str:
     count = r.meta.get("options", {}).get("idle", IDLE_TARGET_CONNECTIONS)
-    if count >= IDLE_TARGET_CONNECTIONS:
+    if count >= IDLE_TARGET_CONNECTIONS or not r.get("idle_kib_per_conn", "ours"):
         return ""
     return f"not judged: {count:,} connections (--idle), the target is for 5,000"
 

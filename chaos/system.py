@@ -49,11 +49,12 @@ from stack.supervisor import Stack, http_status, port_in_use
 FAST_ENV: dict[str, str] = {
     "SERVICE_ACCESS_LOG": "off",
     "SERVICE_DB_RETRY_MAX_DELAY": "0.5",
-    # A request's longest answer while the database hangs, a pool wait then a connect or a
-    # write's whole budget (1.5 + 0.5 s), stays below LB_IDLE_TIMEOUT: it gets its 503.
+    # A request's longest answer while the database hangs, a pool wait (1 s) then a connect
+    # (1.5 s) or a write's whole budget (1.5 + 0.5 s), 3 s, stays below LB_IDLE_TIMEOUT: it
+    # gets its 503.
     "SERVICE_DB_CONNECT_TIMEOUT": "1.5",
     "SERVICE_DB_COMMAND_TIMEOUT": "1.5",
-    "SERVICE_POOL_ACQUIRE_TIMEOUT": "0.5",
+    "SERVICE_POOL_ACQUIRE_TIMEOUT": "1",
     "SERVICE_HEALTH_TIMEOUT": "0.5",
     "LB_LOG_LEVEL": "debug",  # one line per closed connection: which replica a port went to
     "LB_CHECK_INTERVAL": "0.25",
@@ -61,7 +62,7 @@ FAST_ENV: dict[str, str] = {
     "LB_CHECK_FALL": "2",
     "LB_CHECK_TIMEOUT": "0.5",
     "LB_CONNECT_TIMEOUT": "1",
-    "LB_IDLE_TIMEOUT": "3",
+    "LB_IDLE_TIMEOUT": "3.5",
     "LB_DRAIN_TIMEOUT": "2",
 }
 
@@ -310,9 +311,11 @@ def stopped_postgres(postmaster_pid: int) -> Iterator[None]:
     import psutil  # the test extra, which `make chaos` installs
 
     postmaster = psutil.Process(postmaster_pid)
-    # Every backend leads its own process group (PostgreSQL calls setsid()): stop each.
+    # The postmaster first, so that it forks no backend the list below would miss; then every
+    # backend, each the leader of its own process group (PostgreSQL calls setsid()).
+    postmaster.send_signal(signal.SIGSTOP)
     server = [postmaster, *postmaster.children(recursive=True)]
-    for process in server:
+    for process in server[1:]:
         with contextlib.suppress(psutil.NoSuchProcess):  # a short-lived worker that ended
             process.send_signal(signal.SIGSTOP)
     try:

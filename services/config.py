@@ -57,7 +57,8 @@ SETTINGS: tuple[Setting, ...] = (
             help="GET statements run at once; GETs arriving meanwhile wait and are read together, "
                  "in one statement"),
     Setting(env="SERVICE_DB_COMMAND_TIMEOUT", attr="db_command_timeout", default="5.0",
-            help="seconds one SQL statement may take before 503"),
+            help="seconds one SQL statement may take before 503 (a write's `BEGIN`, statement and "
+                 "`COMMIT` share this + 0.5 s; an unconfirmed `COMMIT` is 504)"),
     Setting(env="SERVICE_DB_CONNECT_TIMEOUT", attr="db_connect_timeout", default="5.0",
             help="seconds one connection attempt may take, name lookup included"),
     Setting(env="SERVICE_DB_RETRY_MAX_DELAY", attr="db_retry_max_delay", default="5.0",

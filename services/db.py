@@ -1,12 +1,12 @@
 """The database: the connection pool's lifecycle, the schema step and the four statements.
 
 Each API operation is one atomic statement, so concurrent requests cannot race between
-a check and a write; a write's runs in a transaction committed only while its request still
-waits (see :func:`_committed`).  The pool is created in the background with backoff, so the
-service starts (and answers 503) before PostgreSQL exists.  Every failure to reach the
-database surfaces as :class:`DatabaseUnavailable`; a pool that is full surfaces as
-:class:`DatabaseBusy`: both become 503, never 500 and never a hang.  A COMMIT the database did
-not confirm surfaces as :class:`WriteOutcomeUnknown`: 504.
+a check and a write; a write's statement runs in a transaction committed only while its
+request still waits (see :func:`_committed`).  The pool is created in the background with
+backoff, so the service starts (and answers 503) before PostgreSQL exists.  Every failure
+to reach the database surfaces as :class:`DatabaseUnavailable`; a pool that is full
+surfaces as :class:`DatabaseBusy`: both become 503, never 500 and never a hang.  A COMMIT
+the database did not confirm surfaces as :class:`WriteOutcomeUnknown`: 504.
 """
 
 from __future__ import annotations
@@ -72,6 +72,11 @@ STATEMENT_TIMEOUT_BACKSTOP = 0.5
 
 #: A write's COMMIT is sent only with this much of its time left (see :func:`_committed`).
 COMMIT_MIN_TIME = 0.1
+
+#: How long PostgreSQL lets a write's transaction wait for its COMMIT, which the replica sends
+#: as soon as the statement answered. Longer means the replica stalled or was cut off, and the
+#: row lock the transaction holds blocks every other replica's write to that key.
+IDLE_IN_TRANSACTION_TIMEOUT = 1.0
 
 
 class DatabaseBusy(Exception):
@@ -194,9 +199,10 @@ async def _committed(conn: asyncpg.Connection, budget: float, sql: str, *args: A
         if not isinstance(exc, CONNECTION_ERRORS):
             await conn.execute(SQL_ROLLBACK, timeout=left())
         raise
-    if deadline - loop.time() < COMMIT_MIN_TIME:
-        # A COMMIT this late would most likely be applied and still answered "unknown":
-        # give up before it, and the answer is a definite 503.
+    if deadline - loop.time() < COMMIT_MIN_TIME or conn.is_closed():
+        # A COMMIT this late would most likely be applied and still answered "unknown"; a
+        # connection the server closed (its idle_in_transaction_session_timeout, after a
+        # stall here) was rolled back. Either way, no COMMIT: a definite 503.
         raise TimeoutError("no time left to commit")
     try:
         await conn.execute(SQL_COMMIT, timeout=left())
@@ -204,7 +210,7 @@ async def _committed(conn: asyncpg.Connection, budget: float, sql: str, *args: A
         # A broken connection or a late answer may follow a commit that happened. (An error
         # PostgreSQL answers itself means it did not; too rare here to answer apart.)
         raise WriteOutcomeUnknown(
-            f"the database did not confirm the commit within {budget:g}s: {describe(exc)}"
+            f"the database did not confirm the commit: {describe(exc)}"
         ) from exc
     return value
 
@@ -335,11 +341,11 @@ class Database:
                 # A client that only gives up and drops the connection leaves the statement
                 # running: one waiting on a lock would still write after its 503.
                 "statement_timeout": f"{max(1, round(cfg.db_command_timeout * 1000))}ms",
-                # A write's transaction waits for its COMMIT only while the replica still
-                # waits for it (see _committed). One whose connection was cut, not closed,
-                # would otherwise hold its row locks until TCP gives up, hours later.
+                # A write's transaction that its replica stopped driving (a stall, a cut
+                # network: no end of the connection arrives) would otherwise hold its row
+                # lock until TCP gives up, hours later.
                 "idle_in_transaction_session_timeout":
-                    f"{round((cfg.db_command_timeout + STATEMENT_TIMEOUT_BACKSTOP) * 1000)}ms",
+                    f"{round(IDLE_IN_TRANSACTION_TIMEOUT * 1000)}ms",
             },
         )
 
@@ -431,8 +437,9 @@ class Database:
         on_error: Callable[[str], None] | None = None,
         acquire_timeout: float | None = None,
     ) -> T:
-        """``statement`` on a lent connection, its failures as DatabaseBusy/Unavailable,
-        each counted with ``on_error`` (by default, the one of the Database)."""
+        """``statement`` on a lent connection, its failures as DatabaseBusy/Unavailable (or a
+        write's WriteOutcomeUnknown), each counted with ``on_error`` (by default, the one of
+        the Database)."""
         cfg = self._config
         error = on_error or self._on_error
         if acquire_timeout is None:

@@ -35,3 +35,8 @@ def test_an_idle_figure_from_fewer_connections_than_the_target_s_is_not_judged()
     assert rss.verdict(results) == "**met**"
     results.values["idle_kib_per_conn"]["ours"] = [3.2]
     assert rss.verdict(results) == "missed by 7%"
+
+
+def test_an_idle_figure_that_was_not_measured_says_so() -> None:
+    results = Results(meta={"options": {"idle": 0}})  # --idle 0 skips the figure
+    assert target("balancer RSS").verdict(results) == "not measured"

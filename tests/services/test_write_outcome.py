@@ -146,7 +146,8 @@ async def test_a_write_sent_to_a_stopped_database_is_not_applied_when_it_resumes
     own_postgres: EmbeddedPostgres, write: Write
 ) -> None:
     """The whole server SIGSTOPped (a frozen VM, a stalled disk): the write gets its 503, and
-    is not applied after SIGCONT, when the server reads what waited in its socket."""
+    is not applied after SIGCONT, when the server reads what waited in its socket (its BEGIN:
+    the statement follows only an answer; the relay tests hold the statement itself)."""
     await asyncio.to_thread(own_postgres.start)
     conn = await asyncpg.connect(own_postgres.dsn)
     config = config_for(own_postgres, db_command_timeout=COMMAND_TIMEOUT,

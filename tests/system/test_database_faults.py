@@ -1,7 +1,8 @@
 """PostgreSQL going away under the whole stack: restarted under load (fast and immediate
-shutdown), and absent when the replicas start.  PostgreSQL's promise: a commit it
-acknowledged survives; the service's: 503 with Retry-After while the database is away,
-never a 500 or a hang, and recovery by itself when it is back."""
+shutdown), hung (SIGSTOP), and absent when the replicas start.  PostgreSQL's promise: a commit
+it acknowledged survives; the service's: 503 with Retry-After while the database is away (a
+write whose COMMIT was cut off: 504), a 503 write never applied later, never a 500 or a hang,
+and recovery by itself when it is back."""
 
 from __future__ import annotations
 
