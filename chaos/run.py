@@ -58,11 +58,9 @@ from chaos.system import (
     judge,
     kill_replica,
     restart_database,
-    setting,
     stack_config,
     summarize_failures,
 )
-from services.db import STATEMENT_TIMEOUT_BACKSTOP
 from stack.process import Output
 from stack.supervisor import Stack
 
@@ -130,10 +128,7 @@ async def run_faults(stack: Stack, lines: Lines, plan: Plan, out: TextIO) -> Rep
             elif name in ("pg-fast", "pg-immediate"):
                 fault = await restart_database(stack, name.removeprefix("pg-"), down_for=2.0)
             elif name == "pg-hang":
-                # Past a write's whole budget, so writes in flight meet it.
-                budget = (setting(stack.config.environ, "SERVICE_DB_COMMAND_TIMEOUT")
-                          + STATEMENT_TIMEOUT_BACKSTOP)
-                fault = await hang_database(stack, hold=budget + 1.5)
+                fault = await hang_database(stack)
             else:
                 raise ValueError(f"unknown fault {name!r}; choose from {', '.join(FAULTS)}")
             faults.append(fault)

@@ -40,6 +40,7 @@ from chaos.linearizability import CheckResult, check
 from chaos.load import Attempt, Load, backends_by_port, reasons
 from chaos.model import State
 from chaos.rawhttp import Connection, HttpError
+from services.db import STATEMENT_TIMEOUT_BACKSTOP
 from stack.config import StackConfig
 from stack.process import Child
 from stack.supervisor import Stack, http_status, port_in_use
@@ -326,11 +327,15 @@ def stopped_postgres(postmaster_pid: int) -> Iterator[None]:
                 process.send_signal(signal.SIGCONT)
 
 
-async def hang_database(stack: Stack, *, hold: float, timeout: float = 60.0) -> Fault:
+async def hang_database(stack: Stack, *, past_budget: float = 1.5,
+                        timeout: float = 60.0) -> Fault:
     """SIGSTOP the embedded PostgreSQL, every process of it (a frozen machine, a stalled VM),
-    for ``hold`` seconds, then SIGCONT; wait until every replica is healthy and a write goes
-    through the balancer. The writes answered 503 meanwhile must never be applied: the
-    history check counts them as not applied."""
+    for ``past_budget`` seconds longer than a write's whole budget (so writes in flight meet
+    it), then SIGCONT; wait until every replica is healthy and a write goes through the
+    balancer. The writes answered 503 meanwhile must never be applied: the history check
+    counts them as not applied."""
+    hold = (setting(stack.config.environ, "SERVICE_DB_COMMAND_TIMEOUT")
+            + STATEMENT_TIMEOUT_BACKSTOP + past_budget)
     db = stack.database
     assert db is not None, "the database faults need the embedded PostgreSQL"
     assert db.pid is not None, "the embedded PostgreSQL is not running"

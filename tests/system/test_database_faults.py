@@ -27,12 +27,10 @@ from chaos.system import (
     hang_database,
     judge,
     restart_database,
-    setting,
     stop_children,
     summarize_failures,
     wait_until,
 )
-from services.db import STATEMENT_TIMEOUT_BACKSTOP
 from stack.pg import EmbeddedPostgres
 from stack.process import Child, Output, RestartPolicy
 from stack.supervisor import http_status
@@ -83,12 +81,10 @@ async def test_postgresql_hung_under_load(system: StackFactory) -> None:
     async with system(restart_delay=120.0) as (stack, lines):
         base = await baseline(stack)
         load = load_for(stack, "pg-hang", fresh_workers=4, keepalive_workers=4, max_seconds=90)
-        budget = (setting(stack.config.environ, "SERVICE_DB_COMMAND_TIMEOUT")
-                  + STATEMENT_TIMEOUT_BACKSTOP)
         load.start()
         try:
             await load.wait_for(300)
-            fault = await hang_database(stack, hold=budget + 1.5)
+            fault = await hang_database(stack)
             await load.wait_for(300)
         finally:
             await load.stop()
