@@ -40,7 +40,8 @@ def _idle_unjudged(r: Results) -> str:
     count = r.meta.get("options", {}).get("idle", IDLE_TARGET_CONNECTIONS)
     if count >= IDLE_TARGET_CONNECTIONS or not r.get("idle_kib_per_conn", "ours"):
         return ""
-    return f"not judged: {count:,} connections (--idle), the target is for 5,000"
+    return (f"not judged: {count:,} connections (--idle), the target is for "
+            f"{IDLE_TARGET_CONNECTIONS:,}")
 
 
 def _user_kernel(r: Results, metric: str) -> str:
@@ -173,10 +174,11 @@ def verdict(t: Target, values: list[float]) -> str:
 def targets_table(results: Results) -> str:
     rows = ["| figure | target | measured: median [min-max of rounds] | prototype | verdict |",
             "|---|---|---|---|---|"]
-    for t in TARGETS:
+    verdicts = [(t, t.verdict(results)) for t in TARGETS]
+    for t, said in verdicts:
         rows.append(f"| {t.figure} | {t.goal} | {fmt(t.values(results))} | {t.prototype} | "
-                    f"{t.verdict(results)} |")
-    missed = [t for t in TARGETS if t.verdict(results).startswith("missed")]
+                    f"{said} |")
+    missed = [t for t, said in verdicts if said.startswith("missed")]
     if missed:
         rows += ["", "Why the missed ones fall short (from profiles taken on this machine):", ""]
         rows += [f"- **{t.figure}**: {t.explain(results)}" for t in missed]

@@ -639,7 +639,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     seconds = (1 if args.quick else 2) if args.seconds is None else args.seconds
     if seconds < 1:
         parser.error("--seconds must be at least 1 (wrk and hey run whole seconds)")
-    idle = (1000 if args.quick else 5000) if args.idle is None else args.idle
+    idle = ((1000 if args.quick else report.IDLE_TARGET_CONNECTIONS) if args.idle is None
+            else args.idle)
     if idle < 0:
         parser.error("--idle must be 0 (skip the idle-connection figure) or more")
     if args.target is not None:
