@@ -112,8 +112,10 @@ def _accept_prefers_json(accept: str) -> bool:
 
 
 def wants_json(request: web.Request) -> bool:
-    accept = request.headers.get(hdrs.ACCEPT)
-    return accept is not None and _accept_prefers_json(accept)
+    # Several Accept lines are one comma-separated list (RFC 9110 5.3).
+    accept = request.headers.getall(hdrs.ACCEPT, None)
+    return accept is not None and _accept_prefers_json(
+        accept[0] if len(accept) == 1 else ", ".join(accept))
 
 
 def answer(
@@ -415,6 +417,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
     """Turn every failure into a named answer in the client's format, and count it."""
     started = time.perf_counter()
     response: StreamResponse
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
     try:
         response = await handler(request)
     except ClientError as exc:
@@ -435,6 +439,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
         response = answer(request, 504, WRITE_OUTCOME_UNKNOWN)
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
+        route = request.path  # an endpoint's own path: only a known one answers 405
         response = answer(
             request, 405, f"method {request.method} is not allowed on {request.path}; "
             f"use {allowed}", headers={hdrs.ALLOW: allowed},
@@ -451,10 +456,15 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
     # Here, not in on_response_prepare: every answer of the app passes this point, and a
     # signal costs a coroutine per response.
     response.headers["X-Served-By"] = request.app[SERVED_BY]
-    route = request.match_info.route.resource
+    if (request.body_exists and not request.content.is_eof()
+            and _body_refusal(request) is not None):
+        # A body refused from its headers alone was never read (and, after Expect:
+        # 100-continue, never sent): on a kept-alive connection the next request would be
+        # read as that body, so the answer closes the connection.
+        response.force_close()
     request.app[METRICS].observe(
         request.method,
-        route.canonical if route is not None else "unmatched",
+        route,
         response.status,
         time.perf_counter() - started,
     )

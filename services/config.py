@@ -38,7 +38,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="SERVICE_PORT", attr="port", default="5000", flag="--port",
             help="TCP port to listen on"),
     Setting(env="SERVICE_NAME", attr="served_by", default="<hostname>:<port>",
-            help="value of the X-Served-By response header"),
+            help="value of the X-Served-By response header (no control characters but tab)"),
     Setting(env="PGSQL_HOST", attr="pg_host", default="database", help="PostgreSQL host"),
     Setting(env="PGSQL_PORT", attr="pg_port", default="5432", help="PostgreSQL port"),
     Setting(env="PGSQL_DBNAME", attr="pg_dbname", default="se_lab6", help="database name"),
@@ -124,11 +124,22 @@ class Config:
         return out
 
 
+def _header_value(name: str, raw: str) -> str:
+    """Text that can go in a response header: no control character but tab (RFC 9110 5.5);
+    aiohttp refuses to send such a header, so every answer would fail at its first byte."""
+    for char in raw:
+        if (char < " " and char != "\t") or char == "\x7f":
+            raise ConfigError(
+                f"{name} must not contain control characters (it is sent as the X-Served-By "
+                f"header), got {raw!r}")
+    return raw
+
+
 # Config field <- parser; the variable is the field's row in SETTINGS.
 _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "host": text(),
     "port": integer(0, 65535),
-    "served_by": text(empty_ok=True),
+    "served_by": _header_value,
     "pg_host": host(paths_ok=True),
     "pg_port": integer(1, 65535),
     "pg_dbname": text(),

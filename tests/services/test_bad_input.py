@@ -10,6 +10,7 @@ import aiohttp
 import asyncpg
 import pytest
 import yarl
+from multidict import CIMultiDict
 
 from tests.services.conftest import RunningService, half_closed_exchange
 
@@ -454,12 +455,17 @@ async def test_clients_leaving_mid_body_are_not_server_errors(
         ("application/json;q=inf, text/plain", False),
         ("application/json;q=nan", False),
         ("application/json;q=1.000, text/plain;q=0.999", True),
+        # Several Accept lines are one list (RFC 9110 5.3).
+        (["text/plain;q=0.1", "application/json"], True),
+        (["application/json", "text/plain"], False),
     ],
 )
 async def test_accept_negotiation_honours_q_values(
-    service: RunningService, http: aiohttp.ClientSession, accept: str | None, json_answer: bool
+    service: RunningService, http: aiohttp.ClientSession, accept: str | list[str] | None,
+    json_answer: bool
 ) -> None:
-    headers = {"Accept": accept} if accept is not None else {}
+    lines = [] if accept is None else [accept] if isinstance(accept, str) else accept
+    headers = CIMultiDict(("Accept", line) for line in lines)
     async with http.get(f"{service.url}/get_var?key=absent", headers=headers) as r:
         assert r.status == 404
         assert (r.content_type == "application/json") is json_answer
@@ -513,6 +519,30 @@ async def test_a_body_that_will_be_read_gets_100_continue_then_its_answer(
     assert first == b"HTTP/1.1 100 Continue\r\n\r\n"
     assert rest.startswith(b"HTTP/1.1 201 Created\r\n")
     assert await clean_db.fetchval("SELECT value FROM public.variables WHERE key = 'e'") == "v"
+
+
+@pytest.mark.parametrize("path", ["/healthcheck", "/metrics", "/openapi.json"])
+async def test_a_refused_body_on_an_endpoint_that_reads_none_closes_after_the_answer(
+    service: RunningService, clean_db: asyncpg.Connection, path: str
+) -> None:
+    """No 100 Continue for a body over the limit, so the client sends none: the answer says
+    the connection closes, or the client's next request on it would be read as that body."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     "Content-Length: 2000000\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert b"\r\nConnection: close\r\n" in head
+        # The client that took the hint and sends nothing more is let go at once.
+        writer.write_eof()
+        await asyncio.wait_for(reader.read(), 10)  # the rest of the answer, then the EOF
+        assert reader.at_eof()
+    finally:
+        writer.close()
+        await writer.wait_closed()
 
 
 async def test_an_unknown_expectation_is_ignored_not_a_bare_417(

@@ -36,6 +36,14 @@ def test_unrelated_variables_are_ignored() -> None:
 def test_served_by_defaults_to_host_and_bound_port() -> None:
     assert load_config({}).served_by_for(5123).endswith(":5123")
     assert load_config({"SERVICE_NAME": "replica-2"}).served_by_for(5123) == "replica-2"
+    assert load_config({"SERVICE_NAME": "réplica\t2"}).served_by_for(5123) == "réplica\t2"
+
+
+@pytest.mark.parametrize("name", ["r1\nX-Injected: 1", "r1\r", "r1\x00", "r1\x7f"])
+def test_a_service_name_that_cannot_be_a_header_is_refused_at_start(name: str) -> None:
+    # aiohttp refuses to send such a header: every answer would have failed.
+    with pytest.raises(ConfigError, match="SERVICE_NAME must not contain control characters"):
+        load_config({"SERVICE_NAME": name})
 
 
 def test_password_is_redacted() -> None:

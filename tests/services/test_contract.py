@@ -53,12 +53,17 @@ async def test_metrics_count_routes_statuses_pool(
         assert r.status == 404
     async with http.get(f"{service.url}/nowhere/{'x' * 10}") as r:
         assert r.status == 404
+    async with http.post(f"{service.url}/get_var") as r:
+        assert r.status == 405
     async with http.get(f"{service.url}/metrics") as r:
         assert r.status == 200
         assert r.content_type == "text/plain"
         text = await r.text()
     assert 'varstack_http_requests_total{method="GET",route="/get_var",status="404"} 1.0' in text
     assert 'route="unmatched",status="404"' in text
+    # A wrong method on an endpoint is that endpoint's, not an unknown path's.
+    assert 'varstack_http_requests_total{method="POST",route="/get_var",status="405"} 1.0' in text
+    assert 'route="unmatched",status="405"' not in text
     assert "nowhere" not in text
     assert 'varstack_http_request_duration_seconds_bucket{le="0.005",route="/get_var"}' in text
     assert re.search(r"^varstack_db_pool_connections \d", text, re.M)
