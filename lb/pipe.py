@@ -29,6 +29,7 @@ import termios
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, cast
 
+from common.logs import Throttled
 from common.net import OUT_OF_RESOURCES, host_port
 from lb.backends import Backend, BackendPool, describe_error
 
@@ -68,8 +69,7 @@ class Relay:
         "debug",
         "half_close_sweep",
         "idle_sweep",
-        "local_error_logged_at",
-        "local_errors_unlogged",
+        "local_errors",
         "loop",
         "on_admit",
         "on_finish",
@@ -99,8 +99,7 @@ class Relay:
         self.connect_retries = connect_retries
         self.buffer_size = buffer_size
         self.debug = log.isEnabledFor(logging.DEBUG)
-        self.local_error_logged_at = -_LOCAL_ERROR_LOG_INTERVAL
-        self.local_errors_unlogged = 0
+        self.local_errors = Throttled(log, logging.ERROR, interval=_LOCAL_ERROR_LOG_INTERVAL)
         # One shared timer per timeout ticks every pipe it watches, instead of one timer handle
         # per connection: less memory per idle connection and no reschedule per connection.
         self.idle_sweep = _Sweep(loop, idle_timeout, "idle timeout")
@@ -116,15 +115,7 @@ class Relay:
 
     def log_local_error(self, address: str, exc: OSError) -> None:
         """Out of descriptors or memory hits every client at once: one line per interval."""
-        now = self.loop.time()
-        if now - self.local_error_logged_at < _LOCAL_ERROR_LOG_INTERVAL:
-            self.local_errors_unlogged += 1
-            return
-        also = f" ({self.local_errors_unlogged} more since the last line)" \
-            if self.local_errors_unlogged else ""
-        log.error("cannot connect to %s: %s%s", address, exc, also)
-        self.local_error_logged_at = now
-        self.local_errors_unlogged = 0
+        self.local_errors.log("cannot connect to %s: %s", address, exc)
 
 
 class Pipe(asyncio.Protocol):

@@ -231,6 +231,8 @@ class Server:
                     async with asyncio.timeout(2.0):
                         await self._wait_idle(None)
             # 5. The helpers.
+            if self._relay is not None:
+                self._relay.local_errors.close()
             await self.health.stop()
             if self.discovery is not None:
                 await self.discovery.stop()

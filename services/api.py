@@ -24,6 +24,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from common.logs import Throttled
 from services.config import Config
 from services.db import Database, DatabaseBusy, DatabaseUnavailable, WriteOutcomeUnknown
 from services.metrics import Metrics
@@ -45,6 +46,8 @@ DATABASE = web.AppKey("database", Database)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 SERVED_BY = web.AppKey("served_by", str)
+#: The WARNING lines of the database's failures, by kind: at most one a second each.
+FAILURE_LOGS = web.AppKey("failure_logs", dict[str, Throttled])
 
 TEXT = "text/plain"
 RETRY_AFTER_SECONDS = "1"
@@ -426,15 +429,18 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
         if exc.close:
             response.force_close()
     except DatabaseBusy as exc:
-        log.warning("%s %s: database busy: %s", request.method, request.path, exc)
+        request.app[FAILURE_LOGS]["busy"].log(
+            "%s %s: database busy: %s", request.method, request.path, exc)
         response = answer(request, 503, "database busy, retry later",
                           headers={"Retry-After": RETRY_AFTER_SECONDS})
     except DatabaseUnavailable as exc:
-        log.warning("%s %s: database unavailable: %s", request.method, request.path, exc)
+        request.app[FAILURE_LOGS]["unavailable"].log(
+            "%s %s: database unavailable: %s", request.method, request.path, exc)
         response = answer(request, 503, "database unavailable",
                           headers={"Retry-After": RETRY_AFTER_SECONDS})
     except WriteOutcomeUnknown as exc:
-        log.warning("%s %s: write outcome unknown: %s", request.method, request.path, exc)
+        request.app[FAILURE_LOGS]["outcome_unknown"].log(
+            "%s %s: write outcome unknown: %s", request.method, request.path, exc)
         # No Retry-After: a retry may meet the write's own effect (409 on a set_var).
         response = answer(request, 504, WRITE_OUTCOME_UNKNOWN)
     except web.HTTPMethodNotAllowed as exc:
@@ -508,6 +514,14 @@ def create_app(
     app[SERVED_BY] = served_by or config.served_by_for(config.port)
     app[LIFECYCLE] = lifecycle or Lifecycle()
     app[METRICS] = Metrics()
+    app[FAILURE_LOGS] = {kind: Throttled(log, logging.WARNING)
+                         for kind in ("busy", "unavailable", "outcome_unknown")}
+
+    async def say_held_failure_lines(app: web.Application) -> None:
+        for throttled in app[FAILURE_LOGS].values():
+            throttled.close()
+
+    app.on_cleanup.append(say_held_failure_lines)
 
     async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         database = Database(config, on_error=app[METRICS].database_error)
