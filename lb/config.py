@@ -342,7 +342,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lb",
+        prog="varstack-lb",
         description="varstack-lb: a Layer-4 round-robin TCP proxy with health checks. "
         "Every flag has an environment variable; the flag wins.",
     )

@@ -246,6 +246,12 @@ class EmbeddedPostgres(PostgresAddress):
         try:
             self._create_database_once(run_as)
         except subprocess.CalledProcessError as exc:
+            if f'role "{self.user}" does not exist' in (exc.stderr or ""):
+                raise EmbeddedPostgresError(
+                    f"PGSQL_USER {self.user!r} is no user of the PostgreSQL in {self.data_dir}: "
+                    "its user is the one PGSQL_USER named when that directory was first made "
+                    "(postgres by default); name that one again, or choose a new STACK_DATA_DIR"
+                ) from None
             raise EmbeddedPostgresError(
                 f"could not create the database {self.dbname!r}: {exc.stderr or exc}"
             ) from exc

@@ -29,6 +29,18 @@ from typing import Any, TextIO
 NAME_WIDTH = 13
 
 
+
+def exit_status(code: int | None) -> str:
+    """A child's exit as the log says it: Popen's -N is the signal that killed it."""
+    if code is None:
+        return "exited (status unknown)"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
 class Output:
     """Lines from every child, each prefixed by its name, to one stream."""
 
@@ -189,12 +201,12 @@ class Child:
             if not self.policy.allow():
                 self.gave_up = True
                 self.log(
-                    f"exited with status {code}; not restarted: {self.policy.max_attempts} "
+                    f"{exit_status(code)}; not restarted: {self.policy.max_attempts} "
                     f"restarts within {self.policy.window:g}s already"
                 )
                 self._end()
                 return
-            self.log(f"exited with status {code}; restarting in {self.policy.delay:g}s")
+            self.log(f"{exit_status(code)}; restarting in {self.policy.delay:g}s")
             await asyncio.sleep(self.policy.delay)
             if self.stopping:  # stop() may have run during the delay
                 return

@@ -34,7 +34,7 @@ from common.loops import loop_factory
 from common.net import is_ip_address
 from stack.config import ConfigError, StackConfig, _reachable, host_port
 from stack.pg import EmbeddedPostgres, EmbeddedPostgresError, StopMode, free_port, process_alive
-from stack.process import Child, Output, RestartPolicy
+from stack.process import Child, Output, RestartPolicy, exit_status
 
 SUPERVISOR = "stack"
 DATABASE = "database"
@@ -133,6 +133,8 @@ class Stack:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._stopped = False
+        #: What the start waits for now, for the message when STACK_READY_TIMEOUT runs out.
+        self._awaiting = "the database"
         #: Held while this stack owns its data directory (two stacks would share one cluster).
         self._data_lock: int | None = None
 
@@ -195,7 +197,8 @@ class Stack:
         except TimeoutError:
             error = StackError(
                 f"the stack did not answer through {self.url} within "
-                f"{self.config.ready_timeout:g}s (STACK_READY_TIMEOUT); see the logs above")
+                f"{self.config.ready_timeout:g}s (STACK_READY_TIMEOUT): it was waiting for "
+                f"{self._awaiting}; see the logs above")
             self.log(f"error: {error}")  # before the stop's own lines, which follow from it
             await self.stop()
             raise error from None
@@ -394,11 +397,11 @@ class Stack:
                 self.failed.set()
                 return
             if not self._db_policy.allow():
-                self.log(f"database: exited with status {code}; restart policy exhausted, "
+                self.log(f"database: {exit_status(code)}; restart policy exhausted, "
                          "stopping the stack")
                 self.failed.set()
                 return
-            self.log(f"database: exited with status {code}; restarting in "
+            self.log(f"database: {exit_status(code)}; restarting in "
                      f"{self.config.restart_delay:g}s")
             await asyncio.sleep(self.config.restart_delay)
             if self.stopping:  # stop() may have run during the delay
@@ -472,6 +475,7 @@ class Stack:
     async def _until(self, host: str, port: int, child: Child) -> None:
         """Poll ``GET /healthcheck`` on ``host:port`` until 200; fail early when ``child``
         gives up or the stack failed. The caller's timeout bounds it."""
+        self._awaiting = f"{child.name} to answer 200 on http://{host_port(host, port)}/healthcheck"
         while True:
             if child.ended or self.failed.is_set():
                 raise StackError(f"{child.name} exited during start; see its log above")
@@ -571,7 +575,8 @@ class Stack:
         url = self.url
         get = f"'{url}/get_var?key=greeting'"
         lines = [
-            f"varstack is ready: {len(self.replicas)} replicas behind the balancer at {url}",
+            f"varstack is ready: {len(self.replicas)} "
+            f"{'replica' if len(self.replicas) == 1 else 'replicas'} behind the balancer at {url}",
             f"  curl -i -X POST {url}/set_var -H 'Content-Type: application/json' "
             "-d '{\"key\": \"greeting\", \"value\": \"hello\"}'",
             f"  curl -i {get}",

@@ -49,7 +49,7 @@ def test_make_run_serves_restarts_and_stops_cleanly(
     # A replica killed is restarted (on-failure) and taken back by the balancer.
     victim = supervisor.replica(replica_ports[0])
     victim.kill()
-    supervisor.wait_for("backend-1    | exited with status -9; restarting in 1s", timeout=10)
+    supervisor.wait_for("backend-1    | was killed by SIGKILL; restarting in 1s", timeout=10)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if served_by(lb_port, 4) == names:

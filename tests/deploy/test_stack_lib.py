@@ -13,15 +13,16 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 import lb.config
 from stack.config import ENV_VARS, SETTINGS, ConfigError, StackConfig
-from stack.pg import EmbeddedPostgres, _bin_dir, _let_traverse, free_port
+from stack.pg import EmbeddedPostgres, EmbeddedPostgresError, _bin_dir, _let_traverse, free_port
 from stack.process import Output, RestartPolicy
-from stack.supervisor import Stack, database_connections, http_status, port_in_use
+from stack.supervisor import Stack, StackError, database_connections, http_status, port_in_use
 
 
 def test_defaults_are_compose_yaml_s() -> None:
@@ -120,7 +121,7 @@ async def test_stack_as_a_library_restarts_a_killed_replica(tmp_path: Path) -> N
     assert stack.database is not None
     assert not stack.database.running
     assert not port_in_use("127.0.0.1", config.lb_port)
-    assert "backend-1    | exited with status -9; restarting in 0.2s" in out.getvalue()
+    assert "backend-1    | was killed by SIGKILL; restarting in 0.2s" in out.getvalue()
 
 
 # -- the programs' settings, checked up front ------------------------------------------------
@@ -317,6 +318,23 @@ def test_the_embedded_database_starts_as_root_from_a_private_folder(tmp_path: Pa
     assert (_bin_dir() / "postgres").stat().st_mode & 0o005 == 0o005
 
 
+def test_a_user_the_data_directory_was_not_made_for_is_named_with_the_way_out(
+    tmp_path: Path,
+) -> None:
+    private = Path(tempfile.mkdtemp(dir=tmp_path))
+    first = EmbeddedPostgres(data_dir=private / "pgdata")
+    first.start()
+    first.stop("fast")
+    other = EmbeddedPostgres(data_dir=private / "pgdata", user="alice")
+    with pytest.raises(EmbeddedPostgresError) as failed:
+        other.start()
+    assert not other.running
+    assert str(failed.value) == (
+        f"PGSQL_USER 'alice' is no user of the PostgreSQL in {private / 'pgdata'}: its user is "
+        "the one PGSQL_USER named when that directory was first made (postgres by default); "
+        "name that one again, or choose a new STACK_DATA_DIR")
+
+
 # -- parts the stack cannot serve without ----------------------------------------------------
 
 
@@ -360,6 +378,21 @@ async def test_over_ipv6_and_when_the_database_exits_0_the_stack_fails(tmp_path:
         async with asyncio.timeout(20):
             await stack.failed.wait()
     assert "database: exited with status 0; not restarted" in out.getvalue()
+
+
+async def test_a_start_past_the_ready_timeout_says_what_it_was_waiting_for(
+    tmp_path: Path, postgres: Any
+) -> None:
+    out = io.StringIO()
+    config = _lib_config(tmp_path, pg_host=postgres.host, pg_port=postgres.port,
+                         pg_password="not-the-password", ready_timeout=3.0)
+    with pytest.raises(StackError) as failed:
+        async with Stack(config, output=Output(out)):
+            pass
+    assert str(failed.value) == (
+        f"the stack did not answer through http://127.0.0.1:{config.lb_port} within 3s "
+        "(STACK_READY_TIMEOUT): it was waiting for backend-1 to answer 200 on "
+        f"http://127.0.0.1:{config.backend_port}/healthcheck; see the logs above")
 
 
 def _get(host: str, port: int, path: str) -> tuple[int, str]:
