@@ -388,10 +388,12 @@ class Pipe(asyncio.Protocol):
         another backend, as if the connect had failed.
 
         A replica killed with connections still in its accept queue resets them: without
-        this, each such client would get a reset for a request it has not even sent.
+        this, each such client would get a reset for a request it has not even sent. The
+        backend is not marked down for it: a healthy one may reset a connection left silent
+        too long (nginx's reset_timedout_connection), and a dead one refuses the next connect,
+        which does mark it down.
         """
         self._redispatched = True
-        self.relay.pool.connect_failed(backend, "reset before any byte")
         self.upstream = None
         self._pending = []  # what the client sends meanwhile waits for the next backend
         self._upstream_full = False
@@ -415,20 +417,29 @@ class Pipe(asyncio.Protocol):
         self._arm_timer()
 
     def _close(self, why: str) -> None:
-        """Close both sides once their buffered bytes are written."""
+        """Close both sides once their buffered bytes are written. A peer that takes none of
+        them would hold the connection (and its slot) for ever: the half-close timeout, the
+        drain deadline and a second signal still end it (see :meth:`_cut`)."""
+        unsent = False
         for transport in self._ending(why):
+            unsent = unsent or transport.get_write_buffer_size() > 0
             transport.close()
+        if unsent:
+            self._watch(self.relay.half_close_sweep)
 
     def _abort(self, why: str, *, reset: bool) -> None:
         """Close both sides now, dropping buffered bytes; with ``reset``, peers get an RST."""
         for transport in self._ending(why):
-            if transport is self.client:  # the count is of bytes that left, not of dropped ones
-                self.bytes_to_client -= transport.get_write_buffer_size()
-            else:
-                self.bytes_to_backend -= transport.get_write_buffer_size()
-            if reset:
-                _linger_reset(transport)
-            transport.abort()
+            self._drop(transport, reset=reset)
+
+    def _drop(self, transport: asyncio.Transport, *, reset: bool) -> None:
+        if transport is self.client:  # the count is of bytes that left, not of dropped ones
+            self.bytes_to_client -= transport.get_write_buffer_size()
+        else:
+            self.bytes_to_backend -= transport.get_write_buffer_size()
+        if reset:
+            _linger_reset(transport)
+        transport.abort()
 
     def _cut(self, why: str) -> None:
         """The balancer ends the connection on its own (a timeout, the drain deadline). A FIN
@@ -436,6 +447,16 @@ class Pipe(asyncio.Protocol):
         (held in a buffer here, held back from a peer that does not read, or moving since the
         last tick or :meth:`forget_activity`) the peers get an RST: a cut-short answer never
         looks whole. A quiet connection is closed."""
+        if self._closing:
+            # Closed already, waiting for a peer to take its last bytes: it gets an RST
+            # instead of them (its side of the stream is cut short).
+            self.end = f"{why} while closing"
+            self._cancel_timer()
+            for transport, still_open in ((self.client, self.client_open),
+                                          (self.upstream, self.upstream_open)):
+                if transport is not None and still_open:
+                    self._drop(transport, reset=transport.get_write_buffer_size() > 0)
+            return
         in_flight = (
             self._active or self._client_full or self._upstream_full
             or any(t.get_write_buffer_size() for t in (self.client, self.upstream) if t is not None)
@@ -533,7 +554,10 @@ class Pipe(asyncio.Protocol):
     def _arm_timer(self) -> None:
         """(Re)start the idle timeout, or the half-close one once a direction has ended."""
         relay = self.relay
-        sweep = relay.half_close_sweep if self.client_eof or self.upstream_eof else relay.idle_sweep
+        self._watch(
+            relay.half_close_sweep if self.client_eof or self.upstream_eof else relay.idle_sweep)
+
+    def _watch(self, sweep: _Sweep) -> None:
         if self._sweep is not sweep:
             self._cancel_timer()
             sweep.add(self)
@@ -555,12 +579,13 @@ class Pipe(asyncio.Protocol):
         bytes the kernel counted since the last tick: received on either socket (a handed-off
         direction's chunks), or acknowledged by a peer. So a slow reader draining the buffers
         counts as traffic, while one that takes nothing, its buffers full, is still silence."""
-        if self._closing:
+        if self._closing and not (self.client_open or self.upstream_open):
             self._cancel_timer()
             return
+        # (A closing pipe in a sweep is one still writing its last bytes out.)
         # What the stats show of a handed-off direction while it is open: the count at the
         # last tick (a stats page asking the kernel for every connection would stall the loop).
-        seen = self._movement(count=True)
+        seen = self._movement(count=not self._closing)  # closing: the counts are final
         moved = self._active or seen != self._seen
         self._active = False
         self._seen = seen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import pytest
@@ -22,6 +23,7 @@ from tests.lb.lbkit import (
     lb_config,
     read_to_end,
     refusing_addresses,
+    reset,
     running_lb,
 )
 
@@ -188,7 +190,8 @@ async def test_no_backend_accepts_client_is_closed_at_once() -> None:
 async def test_a_backend_dying_with_the_connection_in_its_accept_queue_costs_the_client_nothing(
 ) -> None:
     """A replica killed before it accepted: the kernel resets its queued connections. Nothing
-    has passed yet, so the client is moved to the next backend, and the dead one is down."""
+    has passed yet, so the client is moved to the next backend; the next client's connect to
+    the dead one is refused, which marks it down."""
     queue_only = socket.socket()  # listens, never accepts: a process about to be killed
     queue_only.bind(("127.0.0.1", 0))
     queue_only.listen(8)
@@ -200,14 +203,41 @@ async def test_a_backend_dying_with_the_connection_in_its_accept_queue_costs_the
             await eventually(lambda: lb.pool.backends[0].active == 1)  # queued there
             queue_only.close()  # the kill: its queue is reset
             await eventually(lambda: lb.pool.backends[1].active == 1)
-            assert lb.stats()["backends"][0]["state"] == "down"
             writer.write(b"sent after the move")
             writer.write_eof()
             assert await asyncio.wait_for(read_to_end(reader), 5) == b"sent after the move"
             await close(writer)
+            assert lb.pool.backends[0].failed_connects == 0
+            # The next client is sent to the dead one first: refused, moved on at once.
+            assert await exchange(lb.port, b"next client") == b"next client"
             assert lb.pool.backends[0].failed_connects == 1
+            assert lb.stats()["backends"][0]["state"] == "down"
     finally:
         queue_only.close()
+
+
+async def test_a_live_backend_resetting_a_silent_connection_is_not_marked_down() -> None:
+    """A backend that resets a connection on which nothing came for a while (nginx's
+    reset_timedout_connection; a browser's preconnect sends nothing): the client is moved to
+    another backend, and the backend, healthy, stays up."""
+
+    async def reset_when_silent(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.3)
+        reset(writer)
+
+    async with FuncBackend(reset_when_silent) as resetting, EchoBackend() as echo:
+        config = lb_config(resetting.address, echo.address, check_interval=60)
+        async with running_lb(config) as lb:
+            reader, writer = await connect(lb.port)
+            await eventually(lambda: lb.pool.backends[1].active == 1, timeout=5)
+            assert lb.pool.backends[0].failed_connects == 0
+            assert lb.stats()["backends"][0]["state"] == "up"
+            writer.write(b"after the move")
+            writer.write_eof()
+            assert await asyncio.wait_for(read_to_end(reader), 5) == b"after the move"
+            await close(writer)
 
 
 async def test_no_replay_once_bytes_were_relayed() -> None:

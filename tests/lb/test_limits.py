@@ -14,6 +14,7 @@ import socket
 import psutil
 import pytest
 
+from lb.server import Server
 from tests.lb.lbkit import (
     EchoBackend,
     FuncBackend,
@@ -26,6 +27,7 @@ from tests.lb.lbkit import (
     how_it_ends,
     lb_config,
     loop_name,
+    pattern,
     read_to_end,
     running_lb,
 )
@@ -171,6 +173,57 @@ async def test_a_slow_but_steady_reader_is_not_cut_by_the_timeouts(
     assert lasted > 4 * 0.5  # it really read for several timeouts
     assert "end=idle timeout" not in caplog.text
     assert "end=half-close timeout" not in caplog.text
+
+
+@pytest.mark.parametrize("ended_by", ["half-close timeout", "drain deadline"])
+async def test_a_closed_connection_whose_client_takes_none_of_its_last_bytes_is_still_cut(
+    ended_by: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Both sides sent their EOF, so the balancer closes the connection once the answer it
+    holds is written; a client that reads none of it kept the connection (and a slot of
+    LB_MAX_CONNECTIONS) for ever, past every timeout and the drain deadline. The timeout or
+    the deadline now cuts it, with a reset: the answer was cut short."""
+    caplog.set_level(logging.DEBUG, logger="lb.pipe")
+    size = 4 << 20  # more than the kernel's buffers on the way take, less than the balancer's
+    answered = asyncio.Event()
+
+    async def answer_and_close(reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        for chunk in pattern(size):
+            writer.write(chunk)
+        writer.write_eof()
+        await writer.drain()
+        answered.set()
+        await reader.read()
+
+    timeout = 0.5 if ended_by == "half-close timeout" else 60
+    async with FuncBackend(answer_and_close) as backend:
+        lb = Server(lb_config(backend.address, idle_timeout=60, half_close_timeout=timeout,
+                              buffer_size=16 << 20))
+        await lb.start()
+        try:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", lb.port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"GET /big")
+            writer.write_eof()  # as nc -N does; then it reads nothing
+            await asyncio.wait_for(answered.wait(), 10)
+            await eventually(lambda: all(pipe.closing for pipe in lb.pipes) and bool(lb.pipes))
+            if ended_by == "drain deadline":
+                await lb.shutdown(drain_timeout=0.2)
+            await eventually(lambda: not lb.pipes, timeout=10)
+            got, end = await asyncio.wait_for(how_it_ends(reader), 10)
+            await close(writer)
+        finally:
+            await lb.shutdown(drain_timeout=0.2)
+    assert got < size
+    assert end == "reset"
+    assert f"end={ended_by} while closing" in caplog.text
+    [backend_stats] = lb.pool.backends
+    assert backend_stats.bytes_to_client < size  # what was dropped is not counted as sent
 
 
 async def test_half_close_timeout_ends_a_side_that_never_finishes(
