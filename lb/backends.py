@@ -78,6 +78,8 @@ class BackendPool:
         #: Whether an address is the balancer's own listening one (set once it listens).
         self.is_own_address: Callable[[str, int], bool] = lambda host, port: False
         self._own_reported: set[tuple[str, int]] = set()
+        #: Whether the set has had a backend yet (see update).
+        self._populated = False
 
     def __len__(self) -> int:
         return len(self.backends)
@@ -114,6 +116,8 @@ class BackendPool:
 
     def update(self, addresses: Iterable[tuple[str, int]]) -> tuple[list[Backend], list[Backend]]:
         """Make the set exactly ``addresses``; known backends keep their state and counters.
+        The first backends are up; one added to a set that had any starts down, and ``rise``
+        passed checks bring it up.
 
         Returns the added and the removed backends.  Connections open to a removed backend
         keep running; it only gets no new ones.
@@ -134,7 +138,11 @@ class BackendPool:
                 continue
             backend = known.pop(address, None)
             if backend is None:
-                backend = Backend(*address)
+                # The first set serves at once (nothing else would); a replica that appears
+                # later, perhaps still starting, gets clients once its checks pass.
+                backend = Backend(*address, up=not self._populated)
+                if self._populated:
+                    backend.last_change = f"discovered: up after {self.rise} passed checks"
                 added.append(backend)
             by_address[address] = backend
         wanted = list(by_address.values())
@@ -148,6 +156,7 @@ class BackendPool:
             cursor = self.backends[self._next % len(self.backends)] if self.backends else None
             self.backends = wanted
             self._next = wanted.index(cursor) if cursor in wanted else 0
+        self._populated = self._populated or bool(wanted)
         return added, removed
 
     def connect_failed(self, backend: Backend, reason: str) -> None:

@@ -83,7 +83,8 @@ class DnsDiscovery(Periodic):
         self._last_error = None
         added, removed = self.pool.update(addresses)
         for backend in added:
-            log.info("backend %s added (from %s)", backend.address, self.name)
+            log.info("backend %s added (from %s)%s", backend.address, self.name,
+                     "" if backend.up else f"; it gets clients once {self.pool.rise} checks pass")
         for backend in removed:
             log.info("backend %s removed (no longer in %s)", backend.address, self.name)
         count = len(self.pool)

@@ -1,5 +1,8 @@
 """Active health checks: every ``interval``, each backend is probed; ``rise``/``fall`` do the rest.
 
+A round starts every ``interval``: it starts a check of each backend whose last check has ended. A
+check that takes longer than the interval (up to ``timeout``) delays only that backend's next one.
+
 An HTTP check sends ``GET <path>`` and passes on status 200 only (the service answers 503 while it
 drains or its database is down); a TCP check passes when the connect succeeds.
 """
@@ -11,6 +14,7 @@ import contextlib
 import logging
 from typing import Literal
 
+from common.logs import Throttled
 from common.net import OUT_OF_RESOURCES
 from lb.backends import Backend, BackendPool, describe_error
 from lb.periodic import Periodic
@@ -22,7 +26,8 @@ _MAX_ANSWER = 65536
 
 
 class HealthChecker(Periodic):
-    """Owns one task that checks every backend of ``pool`` each ``interval`` seconds."""
+    """Owns one task that starts a check of every backend of ``pool`` each ``interval`` seconds
+    (one check at a time per backend)."""
 
     task_name = "lb-health"
 
@@ -41,32 +46,21 @@ class HealthChecker(Periodic):
         self.path = path
         self.interval = interval
         self.timeout = timeout
+        self._unjudged = Throttled(log, logging.WARNING, interval=max(interval, 1.0))
 
-    async def check_all(self) -> None:
-        """One round: every backend checked concurrently, results applied."""
-        backends = list(self.pool.backends)
-        # One backend's check going wrong in a way not foreseen fails that check, not the round.
-        outcomes = await asyncio.gather(*(self.check(b) for b in backends), return_exceptions=True)
-        unjudged = []
-        passed: bool | None
-        for backend, outcome in zip(backends, outcomes, strict=True):
-            if isinstance(outcome, asyncio.CancelledError):
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise outcome  # the checker stops: not a backend's doing
-            if isinstance(outcome, BaseException):
-                passed, detail = False, f"check error: {type(outcome).__name__}: {outcome}"
-            else:
-                passed, detail = outcome
-            if passed is None:
-                unjudged.append(f"{backend.address} ({detail})")
-            elif passed:
-                self.pool.check_passed(backend, detail)
-            else:
-                self.pool.check_failed(backend, detail)
-        if unjudged:
-            log.warning("health checks not judged, this balancer is out of resources: %s",
-                        ", ".join(unjudged))
+    async def judge(self, backend: Backend) -> None:
+        """Check ``backend`` once and apply the result."""
+        try:
+            passed, detail = await self.check(backend)
+        except Exception as exc:  # not foreseen: that check fails, the checks go on
+            passed, detail = False, f"check error: {type(exc).__name__}: {exc}"
+        if passed is None:
+            self._unjudged.log("health checks not judged, this balancer is out of resources: "
+                               "%s (%s)", backend.address, detail)
+        elif passed:
+            self.pool.check_passed(backend, detail)
+        else:
+            self.pool.check_failed(backend, detail)
 
     async def check(self, backend: Backend) -> tuple[bool | None, str]:
         """Probe one backend: (passed, what was seen); passed is None when the check could
@@ -82,14 +76,22 @@ class HealthChecker(Periodic):
             return None if exc.errno in OUT_OF_RESOURCES else False, describe_error(exc)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            try:
-                await self.check_all()
-            except Exception:  # a bug here must not end the checks for good
-                log.exception("health check round failed")
-            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
+        # Each backend on its own clock: a check that hangs until its timeout delays that
+        # backend's next check only, never another backend's (one check at a time each).
+        checking: dict[Backend, asyncio.Task[None]] = {}
+        try:
+            while True:
+                checking = {b: task for b, task in checking.items() if not task.done()}
+                for backend in self.pool.backends:
+                    if backend not in checking:
+                        checking[backend] = asyncio.ensure_future(self.judge(backend))
+                await asyncio.sleep(self.interval)
+        finally:
+            tasks = list(checking.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._unjudged.close()
 
     async def _check_tcp(self, backend: Backend) -> tuple[bool, str]:
         _, writer = await asyncio.open_connection(backend.host, backend.port)

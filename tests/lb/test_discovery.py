@@ -52,7 +52,7 @@ async def test_new_address_is_picked_up_and_old_one_dropped() -> None:
 
             # `docker compose up --scale backend=2`: a second address appears.
             resolver.answer.append(b.address)
-            await eventually(lambda: len(lb.pool) == 2)
+            await eventually(lambda: len(lb.pool) == 2 and lb.pool.up_count == 2)
             served = [(await http_get(lb.port))[1]["x-served-by"] for _ in range(4)]
             assert sorted(served) == sorted([a.label, b.label] * 2)
 
@@ -70,6 +70,35 @@ async def test_new_address_is_picked_up_and_old_one_dropped() -> None:
             await close(writer)
             others = {(await http_get(lb.port))[1]["x-served-by"] for _ in range(3)}
             assert others == {a.label, b.label} - {first_label}
+
+
+async def test_a_replica_that_appears_gets_clients_only_once_its_checks_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A replica scaled up is still starting (its database not ready: /healthcheck 503): no
+    client is sent to it until its health checks pass."""
+    caplog.set_level(logging.INFO, logger="lb.discovery")
+    async with HttpBackend() as a, HttpBackend() as b:
+        b.healthy = False
+        resolver = StubResolver(a.address)
+        config = dns_config(check_mode="http", check_interval=0.05, check_rise=2)
+        async with running_lb(config, resolver=resolver) as lb:
+            resolver.answer.append(b.address)
+            await eventually(lambda: len(lb.pool) == 2)
+            checks = b.checks
+            await eventually(lambda: b.checks >= checks + 3)  # failed, and failed again
+            for _ in range(6):
+                assert (await http_get(lb.port))[1]["x-served-by"] == a.label
+            assert b.requests == 0
+            [_, new] = lb.stats()["backends"]
+            assert (new["state"], new["last_change"]) == ("down",
+                                                          "discovered: up after 2 passed checks")
+            b.healthy = True
+            await eventually(lambda: lb.pool.up_count == 2)
+            served = {(await http_get(lb.port))[1]["x-served-by"] for _ in range(4)}
+            assert served == {a.label, b.label}
+    assert f"backend {b.label} added (from backend); it gets clients once 2 checks pass" \
+        in caplog.text
 
 
 async def test_failed_resolution_keeps_the_last_known_backends(

@@ -162,6 +162,26 @@ async def test_a_backend_answering_garbage_fails_its_own_check_not_everyone_s() 
             assert lb.pool.backends[1].last_check == "HTTP 503"
 
 
+async def test_a_check_that_hangs_holds_up_no_other_backend_s_checks() -> None:
+    """One backend accepts and never answers, with a long check timeout: the others are still
+    checked every interval (they waited for the slowest check of each round)."""
+    never = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await never.wait()
+
+    async with FuncBackend(silent) as hung, HttpBackend() as sick:
+        config = lb_config(hung.address, sick.address, check_mode="http", check_interval=0.05,
+                           check_timeout=30, check_fall=2)
+        async with running_lb(config) as lb:
+            await eventually(lambda: sick.checks >= 2)
+            sick.healthy = False
+            # Within one of the hung backend's checks, the sick one is found out.
+            await eventually(lambda: backend_state(lb, sick.label) == "down", timeout=10)
+            assert lb.pool.backends[0].last_check == "none"  # its first check still hangs
+        never.set()
+
+
 async def test_all_backends_down_still_get_traffic() -> None:
     """Panic: every check fails, yet the replicas answer, so clients get the service's answer."""
     async with HttpBackend() as a, HttpBackend() as b:
