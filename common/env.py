@@ -7,6 +7,7 @@ with a message starting with the variable's name.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -31,13 +32,22 @@ class Setting:
     help: str
 
 
+#: A number as people write one in a setting. Python's int() and float() also take Arabic-Indic
+#: or fullwidth digits (LB_PORT in them read as 3000), a leading +, and _ between digits (3_000),
+#: none of which a user means to type there.
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+                      r"|-?(?:inf|infinity|nan)", re.IGNORECASE)  # the last two: ranges refuse them
+
+
 def ascii_number(kind: Callable[[str], T]) -> Callable[[str], T]:
-    """``int`` or ``float`` on ASCII text only: Python's own take Arabic-Indic or fullwidth
-    digits (``LB_PORT`` in them read as 3000), which a user did not mean to type."""
+    """``int`` or ``float`` on plain decimal text only (see ``_INTEGER``)."""
+    syntax = _INTEGER if kind is int else _DECIMAL
 
     def parse(text: str) -> T:
-        if not text.isascii():
-            raise ValueError(f"not ASCII: {text!r}")
+        text = text.strip()  # as int() and float() allow
+        if not syntax.fullmatch(text):
+            raise ValueError(f"not a plain number: {text!r}")
         return kind(text)
 
     return parse

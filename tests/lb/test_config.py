@@ -70,6 +70,10 @@ def test_env_is_read_and_flags_win() -> None:
         ({"LB_PORT": "\u0663\u0660\u0660\u0660"}, "LB_PORT: must be an integer"),
         ({"LB_BACKENDS": "127.0.0.1:\uff15\uff10\uff10\uff10"}, "LB_BACKENDS: '127.0.0.1:"),
         ({"LB_CHECK_TIMEOUT": "\uff11"}, "LB_CHECK_TIMEOUT: must be a number"),
+        # Python's int() and float() read these; nobody types them in a setting meaning that.
+        ({"LB_PORT": "3_208"}, "LB_PORT: must be an integer"),
+        ({"LB_MAX_CONNECTIONS": "+5"}, "LB_MAX_CONNECTIONS: must be an integer"),
+        ({"LB_CHECK_INTERVAL": "1_0"}, "LB_CHECK_INTERVAL: must be a number"),
         ({"LB_BACKEND_HOST": "x" * 64 + ".svc"}, "LB_BACKEND_HOST: 'xxxx"),
         ({"LB_CHECK_MODE": "udp"}, "LB_CHECK_MODE: must be one of http, tcp"),
         ({"LB_CHECK_PATH": "healthcheck"}, "LB_CHECK_PATH: must be a path"),

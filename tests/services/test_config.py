@@ -76,6 +76,8 @@ def test_a_database_host_no_resolver_could_look_up_is_refused_naming_it(host: st
         # Python's int() and float() read these as 5001 and 2: no user meant them.
         ({"SERVICE_PORT": "\uff15\uff10\uff10\uff11"}, "SERVICE_PORT must be a whole number"),
         ({"SERVICE_PORT": "\u0665\u0660\u0660\u0661"}, "SERVICE_PORT must be a whole number"),
+        ({"SERVICE_PORT": "5_001"}, "SERVICE_PORT must be a whole number"),
+        ({"SERVICE_POOL_ACQUIRE_TIMEOUT": "+2"}, "SERVICE_POOL_ACQUIRE_TIMEOUT must be a number"),
         ({"SERVICE_HEALTH_TIMEOUT": "\uff12"}, "SERVICE_HEALTH_TIMEOUT must be a number of"),
     ],
 )
