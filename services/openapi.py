@@ -33,9 +33,11 @@ _UNAVAILABLE = {
     "headers": {"Retry-After": {"schema": {"type": "integer"}}},
     "content": _error("")["content"],
 }
+_KEY_RULES = ("At most SERVICE_MAX_KEY_BYTES (1024) bytes in UTF-8, with no NUL character and "
+              "no lone surrogate.")
 _KEY_QUERY = {
     "name": "key", "in": "query", "required": False,
-    "description": "The key, when not given in the JSON body.",
+    "description": f"The key, when not given in the JSON body. {_KEY_RULES}",
     "schema": {"type": "string", "minLength": 1},
 }
 _VALUE_QUERY = {
@@ -46,20 +48,24 @@ _VALUE_QUERY = {
 
 
 def _body(required: list[str]) -> dict[str, Any]:
+    # Not the schema's "required": each member may come from the query string instead, which
+    # a body schema cannot say; a request that gives one in neither place gets a 400.
+    needed = " and ".join(required)
     return {
         "required": False,
-        "description": "Key (and value) as a JSON object; they may come from the query instead.",
+        "description": f"A JSON object. It must give {needed}, unless the query string does; "
+                       "a member given in both places must have one value. A member name "
+                       "given twice is refused.",
         "content": {"application/json": {"schema": {
             "type": "object",
             "properties": {
-                "key": {"type": "string", "minLength": 1},
+                "key": {"type": "string", "minLength": 1, "description": _KEY_RULES},
                 "value": {
                     "description": "A number or boolean is stored as its JSON text, as the "
                                    "original stored it: 8080 as \"8080\", true as \"true\".",
                     "oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}],
                 },
             },
-            "required": required,
         }}},
     }
 
