@@ -31,6 +31,7 @@ class Backend:
         "last_change",
         "last_check",
         "port",
+        "resets_unused",
         "total",
         "up",
     )
@@ -50,6 +51,8 @@ class Backend:
         #: Consecutive check results in the current streak (one of them is always 0).
         self.checks_passed = 0
         self.checks_failed = 0
+        #: Connections in a row it reset before any byte passed (see Pipe._redispatch).
+        self.resets_unused = 0
         self.last_check = "none"
         self.last_change = "discovered"
 

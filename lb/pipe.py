@@ -388,12 +388,18 @@ class Pipe(asyncio.Protocol):
         another backend, as if the connect had failed.
 
         A replica killed with connections still in its accept queue resets them: without
-        this, each such client would get a reset for a request it has not even sent. The
-        backend is not marked down for it: a healthy one may reset a connection left silent
-        too long (nginx's reset_timedout_connection), and a dead one refuses the next connect,
-        which does mark it down.
+        this, each such client would get a reset for a request it has not even sent. One
+        such reset does not mark the backend down: a healthy one may reset a connection left
+        silent too long (nginx's reset_timedout_connection), and a dead one refuses the next
+        connect, which does. ``fall`` of them in a row, with no answer from it in between (a
+        port forward whose target is gone, a TCP check passing all the while), do.
         """
         self._redispatched = True
+        backend.resets_unused += 1
+        pool = self.relay.pool
+        if backend.resets_unused >= pool.fall:
+            pool.connect_failed(
+                backend, f"{backend.resets_unused} connections in a row reset before any byte")
         self.upstream = None
         self._pending = []  # what the client sends meanwhile waits for the next backend
         self._upstream_full = False
@@ -448,6 +454,8 @@ class Pipe(asyncio.Protocol):
         last tick or :meth:`forget_activity`) the peers get an RST: a cut-short answer never
         looks whole. A quiet connection is closed."""
         if self._closing:
+            if self._sweep is None:  # aborted already, or closing with nothing left to write
+                return
             # Closed already, waiting for a peer to take its last bytes: it gets an RST
             # instead of them (its side of the stream is cut short).
             self.end = f"{why} while closing"
@@ -537,6 +545,8 @@ class Pipe(asyncio.Protocol):
         if backend is not None:
             backend.bytes_to_backend += self.bytes_to_backend
             backend.bytes_to_client += self.bytes_to_client
+            if self.bytes_to_client:
+                backend.resets_unused = 0
         if self.relay.debug:
             log.debug(
                 "client=%s backend=%s to_backend=%d to_client=%d duration=%.3fs end=%s",

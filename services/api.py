@@ -46,6 +46,8 @@ DATABASE = web.AppKey("database", Database)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 SERVED_BY = web.AppKey("served_by", str)
+#: Set on a request whose Expect: 100-continue got no 100 (its body will be refused).
+CONTINUE_WITHHELD = web.RequestKey("continue_withheld", bool)
 #: The WARNING lines of the database's failures, by kind: at most one a second each.
 FAILURE_LOGS = web.AppKey("failure_logs", dict[str, Throttled])
 
@@ -225,9 +227,12 @@ async def expect_continue(request: web.Request) -> None:
     will be refused the handler's final answer (413, 415) comes instead, as RFC 9110 allows,
     so a client such as curl does not upload a body for nothing. Other expectations are
     ignored (aiohttp's 417 would bypass the answer format and X-Served-By)."""
-    if request.version != HttpVersion11 or _body_refusal(request) is not None:
+    if request.version != HttpVersion11:
         return
     if request.headers.get(hdrs.EXPECT, "").strip().lower() == "100-continue":
+        if _body_refusal(request) is not None:
+            request[CONTINUE_WITHHELD] = True  # see errors_and_metrics
+            return
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the answer's own size starts after this line
 
@@ -462,11 +467,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> StreamRe
     # Here, not in on_response_prepare: every answer of the app passes this point, and a
     # signal costs a coroutine per response.
     response.headers["X-Served-By"] = request.app[SERVED_BY]
-    if (request.body_exists and not request.content.is_eof()
-            and _body_refusal(request) is not None):
-        # A body refused from its headers alone was never read (and, after Expect:
-        # 100-continue, never sent): on a kept-alive connection the next request would be
-        # read as that body, so the answer closes the connection.
+    if request.get(CONTINUE_WITHHELD) and not request.content.is_eof():
+        # A body the client was told not to send (no 100 Continue) and an endpoint that
+        # reads none: on a kept-alive connection the next request would be read as that
+        # body, so the answer closes the connection.
         response.force_close()
     request.app[METRICS].observe(
         request.method,

@@ -162,6 +162,31 @@ async def test_a_backend_answering_garbage_fails_its_own_check_not_everyone_s() 
             assert lb.pool.backends[1].last_check == "HTTP 503"
 
 
+async def test_a_backend_resetting_every_connection_before_any_byte_is_marked_down() -> None:
+    """A listener that accepts and resets every connection (a port forward whose target is
+    gone) passes a TCP check for ever: check_fall resets in a row take it down."""
+
+    async def reset_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reset(writer)
+
+    async with FuncBackend(reset_at_once) as resetting, EchoBackend() as echo:
+        config = lb_config(resetting.address, echo.address, check_interval=60, check_fall=2)
+        async with running_lb(config) as lb:
+            broken = lb.pool.backends[0]
+            clients = []
+            for i in range(2):  # each sends nothing yet, so it is moved to the echo backend
+                clients.append(await connect(lb.port))
+                await eventually(lambda i=i: lb.pool.backends[1].active == i + 1)
+                assert broken.up is (i == 0)
+            assert broken.last_change == \
+                "connect failed (2 connections in a row reset before any byte)"
+            for i, (reader, writer) in enumerate(clients):
+                writer.write(b"client %d" % i)
+                writer.write_eof()
+                assert await asyncio.wait_for(read_to_end(reader), 5) == b"client %d" % i
+                await close(writer)
+
+
 async def test_a_check_that_hangs_holds_up_no_other_backend_s_checks() -> None:
     """One backend accepts and never answers, with a long check timeout: the others are still
     checked every interval (they waited for the slowest check of each round)."""

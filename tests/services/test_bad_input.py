@@ -545,6 +545,36 @@ async def test_a_refused_body_on_an_endpoint_that_reads_none_closes_after_the_an
         await writer.wait_closed()
 
 
+@pytest.mark.parametrize("path", ["/healthcheck", "/nowhere"])
+async def test_a_refused_body_the_client_sends_anyway_is_read_past_on_a_kept_connection(
+    service: RunningService, clean_db: asyncpg.Connection, path: str
+) -> None:
+    """Without Expect (or after aiohttp's own 100 Continue on an unknown path) the body comes:
+    it is read and dropped, and the connection serves the next request."""
+    import asyncio
+
+    body = b"x" * 2_000_000
+    expect = "Expect: 100-continue\r\n" if path == "/nowhere" else ""
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.server.port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n{expect}"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                     + b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n")
+        heads = []
+        for _ in range(2):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            if head.startswith(b"HTTP/1.1 100 "):
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            heads.append(head)
+        assert b"Connection: close" not in heads[0]
+        assert heads[1].startswith(b"HTTP/1.1 200 OK\r\n")
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 async def test_an_unknown_expectation_is_ignored_not_a_bare_417(
     service: RunningService, clean_db: asyncpg.Connection
 ) -> None:
