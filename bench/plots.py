@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench import report
 from bench.stats import Results, summarize
 
 DPI = 100
@@ -76,12 +77,25 @@ def balancer_plot(results: Results, path: Path, plt: Any) -> Path | None:
                      "green: target met, red: missed, grey: no target", fontsize=9)
     if idle:
         meds2, lo2, hi2 = zip(*(_err(v) for _, v in idle), strict=True)
+        unjudged = report.idle_unjudged(results)  # a quick run's 1,000 connections
+
+        def color(name: str, median: float) -> str:
+            if name != "ours":
+                return "#e9c46a"
+            if unjudged:
+                return "#9aa5b1"
+            return "#e76f51" if median > 3.0 else "#2a9d8f"
+
         ax2.bar(range(len(idle)), meds2, yerr=[lo2, hi2], capsize=4, width=0.6,
-                color=["#e76f51" if m > 3.0 and n == "ours" else "#2a9d8f" if n == "ours"
-                       else "#e9c46a" for (n, _), m in zip(idle, meds2, strict=True)])
-        ax2.axhline(3.0, color="black", ls="--", lw=1.5)
-        ax2.annotate("target <= 3", (0, 3.0), textcoords="offset points", xytext=(0, 3),
-                     ha="center", fontsize=7)
+                color=[color(n, m) for (n, _), m in zip(idle, meds2, strict=True)])
+        if unjudged:
+            ax2.annotate("not judged:\nfewer than\n"
+                         f"{report.IDLE_TARGET_CONNECTIONS:,} connections", (0.5, 0.97),
+                         xycoords="axes fraction", ha="center", va="top", fontsize=7)
+        else:
+            ax2.axhline(3.0, color="black", ls="--", lw=1.5)
+            ax2.annotate("target <= 3", (0, 3.0), textcoords="offset points", xytext=(0, 3),
+                         ha="center", fontsize=7)
         for x, m in enumerate(meds2):
             ax2.annotate(f"{m:.2f}", (x, m / 2), ha="center", fontsize=9, fontweight="bold",
                          color="white")

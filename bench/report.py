@@ -36,7 +36,8 @@ class Target:
 IDLE_TARGET_CONNECTIONS = 5000
 
 
-def _idle_unjudged(r: Results) -> str:
+def idle_unjudged(r: Results) -> str:
+    """Why the RSS figure is shown but not judged (too few idle connections), or ''."""
     count = r.meta.get("options", {}).get("idle", IDLE_TARGET_CONNECTIONS)
     if count >= IDLE_TARGET_CONNECTIONS or not r.get("idle_kib_per_conn", "ours"):
         return ""
@@ -98,7 +99,7 @@ TARGETS: tuple[Target, ...] = (
            "Most of it is uvloop's: two transports and two libuv handles per proxied connection. "
            "The pipe's own share was cut by sharing the timeout timers and keeping no strings "
            "or timestamps unless debugging (3.62 KiB in the first full run).",
-           _idle_unjudged),
+           idle_unjudged),
     Target("one replica, GET /get_var req/s ÷ `pgbench -S -M prepared -c8` tps", "≥ 0.12",
            lambda r: r.ratios("stack_get_rps", "direct-1", "pgbench"), True, 0.12, "0.105",
            "A replica is one Python process: per GET, aiohttp parses the request and writes the "

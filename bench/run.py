@@ -40,12 +40,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from bench import load, plots, report
 from bench.procs import ROOT, Proc, Procs, free_port, free_ports
 from bench.stats import Results
 from bench.tools import Tools, ensure, machine, versions
+from common.net import http_url_problem
 
 RESULTS_DIR = ROOT / "bench" / "results"
 #: wrk scripts per endpoint, and the hey request that stands for each (hey sends one fixed
@@ -101,10 +101,13 @@ say = Progress()
 
 
 def rotate(items: Sequence[str], round_no: int) -> list[str]:
-    """The variants in a different order each round (A B, then B A, ...): no position bias."""
+    """The variants in a different order each round (A B, then B A, ...): no position bias.
+
+    Rotated by one each round, and reversed every other full turn: two variants go A B, B A,
+    B A, A B; three go through all six orders in six rounds."""
     k = round_no % len(items)
     order = [*items[k:], *items[:k]]
-    return order if round_no % 2 == 0 else order[::-1]
+    return order[::-1] if (round_no // len(items)) % 2 else order
 
 
 def _wrk_with_cpu(url: str, *procs: Proc,
@@ -575,18 +578,36 @@ async def with_stack(procs: Procs, tools: Tools, opts: Options, results: Results
 
 
 def target_problem(url: str, timeout: float = 5.0) -> str | None:
-    """Why ``url`` cannot be measured (its /healthcheck does not answer 200), or None."""
-    try:
-        # Straight to it, as wrk and hey go: not through an http_proxy of the environment.
-        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with direct.open(f"{url}/healthcheck", timeout=timeout) as answer:
-            answer.read()
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode("utf-8", "replace").strip()[:200]
-        return f"its /healthcheck answers {exc.code}" + (f" ({body})" if body else "")
-    except (OSError, http.client.HTTPException) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        return f"nothing answers at {url} ({reason})"
+    """Why ``url`` cannot be measured, or None: its /healthcheck must answer 200, and a key
+    written through it must read back (else every figure would be of error answers)."""
+    # Straight to it, as wrk and hey go: not through an http_proxy of the environment.
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    probe = f"bench-probe-{os.getpid()}-{time.monotonic_ns()}"
+    steps = [
+        ("GET", "/healthcheck", None, 200),
+        ("POST", "/set_var", {"key": probe, "value": "v"}, 201),
+        ("GET", f"/get_var?key={probe}", None, 200),
+        ("DELETE", f"/delete_var?key={probe}", None, 204),
+    ]
+    for method, path, body, wanted in steps:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with direct.open(request, timeout=timeout) as answer:
+                answer.read()
+                status = answer.status
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode("utf-8", "replace").strip()[:200]
+            status = exc.code
+            if path == "/healthcheck":
+                return f"its /healthcheck answers {status}" + (f" ({text})" if text else "")
+        except (OSError, http.client.HTTPException) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            return f"nothing answers at {url} ({str(reason).strip()})"
+        if status != wanted:
+            return (f"it does not answer as varstack does: {method} {path.split('?')[0]} "
+                    f"answered {status}, not {wanted}")
     return None
 
 
@@ -644,10 +665,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     if idle < 0:
         parser.error("--idle must be 0 (skip the idle-connection figure) or more")
     if args.target is not None:
-        parts = urlsplit(args.target)
-        if parts.scheme != "http" or not parts.hostname:
-            parser.error(f"--target must be an http:// URL like http://127.0.0.1:3000, "
-                         f"got {args.target!r}")
+        problem = http_url_problem(args.target)
+        if problem:
+            parser.error(f"--target {problem}")
+    if args.out is not None:
+        # Told before the run, not after it with everything measured lost.
+        problem = _out_problem(args.out)
+        if problem:
+            parser.error(f"--out {args.out}: cannot make a directory there ({problem})")
     if args.replot is not None and not args.replot.is_file():
         parser.error(f"--replot: no such file: {args.replot}")
     if args.replot is not None and args.out is None:
@@ -680,11 +705,30 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why the report cannot be written under ``out`` (made there after the run), or None:
+    nothing is made now, so a run refused or stopped early leaves nothing behind."""
+    path = out.absolute()
+    while not path.exists():
+        if path.is_symlink():
+            return "a dangling symbolic link is in the way"
+        path = path.parent
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
+
+
 @contextlib.contextmanager
 def _terminate_on_signal() -> Iterator[None]:
-    """SIGTERM behaves like Ctrl-C: every process we started is stopped on the way out."""
+    """SIGTERM behaves like Ctrl-C: every process we started is stopped on the way out.
+
+    It is Ctrl-C's own signal, raised again: inside asyncio.run that cancels the main task, so
+    the stack's stop runs to its end (a KeyboardInterrupt raised in the middle of the loop
+    interrupted that stop too, and left the embedded PostgreSQL running)."""
     def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGINT)
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

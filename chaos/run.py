@@ -61,6 +61,7 @@ from chaos.system import (
     stack_config,
     summarize_failures,
 )
+from common.net import http_url_problem
 from stack.process import Output
 from stack.supervisor import Stack
 
@@ -187,8 +188,21 @@ async def run_against(url: str, plan: Plan, seconds: float, out: TextIO) -> Repo
             if await final(key) != value:
                 lost.append(key)
     report.durability = Durability(len(once), lost, report.history,
-                                   len(load.recording.acknowledged_writes))
+                                   len(load.recording.acknowledged_writes),
+                                   read_from="the API")
     return report
+
+
+async def url_problem(url: str) -> str | None:
+    """Why the stack at ``url`` cannot be run against (its /healthcheck is not 200), or None."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session, \
+                session.get(f"{url}/healthcheck") as reply:
+            if reply.status != 200:
+                return f"its /healthcheck answers {reply.status}"
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        return f"nothing answers at {url} ({type(exc).__name__}: {exc})"
+    return None
 
 
 def table(report: Report) -> str:
@@ -219,8 +233,9 @@ def table(report: Report) -> str:
         lines.append(
             f"acknowledged writes checked: {d.acknowledged_once} write-once keys "
             f"(lost: {len(d.lost_once)}) + {d.acknowledged_writes} acknowledged writes on the "
-            f"contended keys, final state read from the database"
-            + (f"; LOST: {', '.join(d.lost_once[:10])}" if d.lost_once else ""))
+            f"contended keys, final state read from {d.read_from}"
+            + (f"; LOST: {', '.join(d.lost_once[:10])}" if d.lost_once else "")
+            + ("; NOTHING WAS ACKNOWLEDGED: no write was tested" if d.untested else ""))
     if report.history is not None:
         h = report.history
         lines.append(f"history linearizable: {'yes' if h.ok else 'NO'} ({h})")
@@ -314,7 +329,15 @@ async def _run(args: argparse.Namespace, out: TextIO, log: TextIO | None,
     say = _say(out)
     if args.url:
         say(f"targeting {args.url}: load and history only (faults need a stack of our own)")
-        report = await run_against(args.url, plan, 10.0 if args.quick else 60.0, out)
+        problem = await url_problem(args.url)
+        if problem:
+            say(f"cannot run against {args.url}: {problem}")
+            return 1
+        try:
+            report = await run_against(args.url, plan, 10.0 if args.quick else 60.0, out)
+        except (aiohttp.ClientError, RuntimeError, OSError) as exc:
+            say(f"the run failed: {type(exc).__name__}: {exc}")
+            return 1
     else:
         with contextlib.ExitStack() as exits:
             data = Path(args.data_dir) if args.data_dir else Path(
@@ -345,7 +368,7 @@ async def _run(args: argparse.Namespace, out: TextIO, log: TextIO | None,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="2 s of steady load around each fault instead of 25 (about a minute "
+                        help="2 s of steady load around each fault instead of 25 (under a minute "
                              "instead of about three)")
     parser.add_argument("--faults", default=None,
                         help=f"comma-separated, in order (default: {','.join(FAULTS)})")
@@ -386,6 +409,10 @@ def option_problem(args: argparse.Namespace) -> str | None:
         return f"--faults: unknown fault {', '.join(unknown)}; choose from {', '.join(FAULTS)}"
     if args.faults is not None and args.url:
         return "--faults needs a stack of our own: it cannot go with --url"
+    if args.url:
+        problem = http_url_problem(args.url)
+        if problem:
+            return f"--url {problem}"
     if args.settle is not None and not (math.isfinite(args.settle) and args.settle >= 0):
         return f"--settle must be a number of seconds >= 0, got {args.settle}"
     return None

@@ -468,10 +468,17 @@ class Durability:
     history: CheckResult
     """The contended keys' history with the database's final state appended."""
     acknowledged_writes: int
+    #: Where the final state was read: the database, or (``--url``) through the API.
+    read_from: str = "the database"
+
+    @property
+    def untested(self) -> bool:
+        """No write was acknowledged: there was nothing to check (not a stack that stores)."""
+        return self.acknowledged_once == 0 and self.acknowledged_writes == 0
 
     @property
     def ok(self) -> bool:
-        return not self.lost_once and self.history.ok
+        return not self.lost_once and self.history.ok and not self.untested
 
 
 async def check_durability(load: Load, dsn: str) -> Durability:

@@ -113,3 +113,20 @@ async def tcp_addresses(host: str, port: int) -> list[str]:
         f"{info[4][0]}%{info[4][3]}" if len(info[4]) == 4 and info[4][3] else str(info[4][0])
         for info in infos
     ))
+
+
+def http_url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being an http:// URL of a host and port; None if nothing."""
+    from urllib.parse import urlsplit
+
+    example = "like http://127.0.0.1:3000"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # out of range or not a number: ValueError
+    except ValueError as exc:
+        return f"is not a URL {example} ({exc}), got {url!r}"
+    if parts.scheme != "http" or not parts.hostname:
+        return f"must be an http:// URL {example}, got {url!r}"
+    if port == 0:
+        return f"must name a port from 1 to 65535, got {url!r}"
+    return None

@@ -40,6 +40,11 @@ def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         (("--sections", "target"), "the target section needs --target URL"),
         (("--target", "ftp://host"), "--target must be an http:// URL"),
         (("--target", "127.0.0.1:3000"), "--target must be an http:// URL"),
+        (("--target", "http://[::1"), "--target is not a URL like http://127.0.0.1:3000"),
+        (("--target", "http://127.0.0.1:99999"), "--target is not a URL"),
+        # Found before the run, not after it with everything measured lost.
+        (("--out", "README.md"), "--out README.md: cannot make a directory there"),
+        (("--out", "/dev/null/x"), "--out /dev/null/x: cannot make a directory there"),
         (("--replot", "no/such/run.json"), "--replot: no such file: no/such/run.json"),
         (("--replot", str(RAW_RUN)), "--replot needs --out DIR"),
         (("--sections", ","), "--sections names no section: ','"),
@@ -70,19 +75,41 @@ def test_explicit_values_win_over_quick_and_idle_zero_skips() -> None:
 
 def test_interleaving_puts_each_variant_first_and_last() -> None:
     orders = [run.rotate(["a", "b", "c"], rnd) for rnd in range(6)]
-    assert all(sorted(order) == ["a", "b", "c"] for order in orders)
-    assert {order[0] for order in orders} == {"a", "b", "c"}
-    assert {order[-1] for order in orders} == {"a", "b", "c"}
+    assert len({tuple(order) for order in orders}) == 6  # every order once
+    # Two variants: each goes first every other round (the rotation and a reversal of it
+    # used to cancel out, and the first variant was measured first in every round).
+    assert [run.rotate(["a", "b"], rnd) for rnd in range(4)] == [
+        ["a", "b"], ["b", "a"], ["b", "a"], ["a", "b"]]
 
 
 @contextlib.asynccontextmanager
-async def answering(status: int, text: str) -> AsyncIterator[str]:
-    """A real HTTP server on an ephemeral port whose /healthcheck answers ``status``."""
+async def answering(status: int, text: str, *, stores: bool = True) -> AsyncIterator[str]:
+    """A real HTTP server on an ephemeral port whose /healthcheck answers ``status``; with
+    ``stores``, it keeps variables as the API does (in a dict: the probe's logic is tested
+    here, the service itself in tests/services)."""
+    variables: dict[str, str] = {}
+
     async def healthcheck(request: web.Request) -> web.Response:
         return web.Response(status=status, text=text)
 
+    async def set_var(request: web.Request) -> web.Response:
+        body = await request.json()
+        variables[body["key"]] = body["value"]
+        return web.Response(status=201, text="variable created")
+
+    async def get_var(request: web.Request) -> web.Response:
+        return web.Response(text=variables[request.query["key"]])
+
+    async def delete_var(request: web.Request) -> web.Response:
+        del variables[request.query["key"]]
+        return web.Response(status=204)
+
     app = web.Application()
     app.router.add_get("/healthcheck", healthcheck)
+    if stores:
+        app.router.add_post("/set_var", set_var)
+        app.router.add_get("/get_var", get_var)
+        app.router.add_delete("/delete_var", delete_var)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -97,6 +124,13 @@ async def answering(status: int, text: str) -> AsyncIterator[str]:
 async def test_a_healthy_target_can_be_measured() -> None:
     async with answering(200, "server is healthy") as url:
         assert await asyncio.to_thread(run.target_problem, url) is None
+
+
+async def test_a_target_that_is_not_varstack_is_named() -> None:
+    async with answering(200, "ok", stores=False) as url:
+        problem = await asyncio.to_thread(run.target_problem, url)
+    assert problem == ("it does not answer as varstack does: POST /set_var answered 404, "
+                       "not 201")
 
 
 async def test_a_target_whose_database_is_down_is_named() -> None:

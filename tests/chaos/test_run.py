@@ -5,6 +5,7 @@ directory (a SIGTERMed run left PostgreSQL running)."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import re
 import shutil
@@ -40,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[2]
         (["--log", "/nonexistent-chaos-dir/run.log"],
          "--log /nonexistent-chaos-dir/run.log: cannot write it: No such file or directory"),
         (["--log", "/"], "--log /: cannot write it: Is a directory"),
+        (["--url", "http://[::1"], "--url is not a URL like http://127.0.0.1:3000"),
+        (["--url", "ftp://x"], "--url must be an http:// URL"),
+        (["--url", "http://127.0.0.1:99999"], "--url is not a URL"),
     ],
 )
 def test_bad_options_are_refused_before_anything_starts(
@@ -277,6 +281,56 @@ def test_a_signal_with_url_stops_the_load_and_says_the_stack_is_left_running(
     assert "SIGTERM: stopping the load" in text
     assert (f"stopped by SIGTERM: the load is stopped; the stack at {url} is not ours, it keeps "
             "running") in text
+
+
+def test_a_url_nobody_answers_on_is_named_before_any_load(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as holder:  # bound, never listening: connects are refused
+        holder.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{holder.getsockname()[1]}"
+        assert run.main(["--url", url, "--quick"]) == 1
+    out = capsys.readouterr().out
+    assert f"cannot run against {url}: nothing answers at {url} (ClientConnectorError" in out
+    assert "Traceback" not in out
+    assert "requests:" not in out
+
+
+class _HealthyButStoresNothing(http.server.BaseHTTPRequestHandler):
+    """Answers /healthcheck 200 and every other request 404: not a stack that stores."""
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        status = 200 if self.path == "/healthcheck" else 404
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_url_that_acknowledges_no_write_fails_the_verdict(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every 4xx is an answer, so the load sees no failure; but with no write acknowledged
+    nothing was tested, and that is no PASS."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HealthyButStoresNothing)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert run.main(["--url", url, "--quick"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = capsys.readouterr().out
+    assert "final state read from the API; NOTHING WAS ACKNOWLEDGED: no write was tested" in out
+    assert "verdict: FAIL" in out
 
 
 def test_under_nohup_a_hangup_does_not_stop_the_run(scratch: Path) -> None:
