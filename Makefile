@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # Re-install only when the project's metadata changed.
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test lint pytest test-slow venv clean tools e2e chaos bench
+.PHONY: run test lint pytest test-slow netns-tools venv clean tools e2e chaos bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,15 @@ pytest: $(STAMP)
 
 ## make test-slow: the long scenarios only (network-namespace blackhole, thousands of fuzzed
 ## requests, hundreds of slowloris sockets; root for the namespaces). .ci/run runs them.
-test-slow: $(STAMP)
+test-slow: $(STAMP) netns-tools
 	$(VENV)/bin/pytest -m slow
+
+## As root, the network-namespace tools of the blackhole scenario (Debian's iproute2 and
+## iptables, with --no-install-recommends); without them that scenario is skipped.
+netns-tools:
+	@if [ "$$(id -u)" = 0 ] && ! { command -v ip && command -v iptables; } >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -q --no-install-recommends iproute2 iptables; fi
 
 ## make chaos: the whole stack (own PostgreSQL, 3 replicas, balancer) under faults, with a
 ## verdict table; exit 1 on any loss. CHAOS_ARGS='--quick' for a ~1 min run,
