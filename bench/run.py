@@ -574,7 +574,16 @@ async def with_stack(procs: Procs, tools: Tools, opts: Options, results: Results
             raise
         finally:
             say("stack: stopping")
-            await stack.stop()
+            # A further Ctrl-C or SIGTERM hurries the stop (whatever still runs is killed)
+            # instead of cutting it short, which would leave the embedded PostgreSQL running.
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stack.force_stop.set)
+            try:
+                await stack.stop()
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
 
 
 def target_problem(url: str, timeout: float = 5.0) -> str | None:
@@ -589,13 +598,15 @@ def target_problem(url: str, timeout: float = 5.0) -> str | None:
         ("GET", f"/get_var?key={probe}", None, 200),
         ("DELETE", f"/delete_var?key={probe}", None, 204),
     ]
+    problem = None
     for method, path, body, wanted in steps:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(f"{url}{path}", data=data, method=method,
                                          headers={"Content-Type": "application/json"})
+        text = ""
         try:
             with direct.open(request, timeout=timeout) as answer:
-                answer.read()
+                text = answer.read().decode("utf-8", "replace")
                 status = answer.status
         except urllib.error.HTTPError as exc:
             text = exc.read().decode("utf-8", "replace").strip()[:200]
@@ -604,11 +615,20 @@ def target_problem(url: str, timeout: float = 5.0) -> str | None:
                 return f"its /healthcheck answers {status}" + (f" ({text})" if text else "")
         except (OSError, http.client.HTTPException) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            return f"nothing answers at {url} ({str(reason).strip()})"
-        if status != wanted:
-            return (f"it does not answer as varstack does: {method} {path.split('?')[0]} "
-                    f"answered {status}, not {wanted}")
-    return None
+            if path == "/healthcheck":
+                return f"nothing answers at {url} ({str(reason).strip()})"
+            problem = f"{method} {path.split('?')[0]} got no answer ({str(reason).strip()})"
+            break
+        if status != wanted or (method == "GET" and path != "/healthcheck" and text != "v"):
+            problem = (f"it does not answer as varstack does: {method} {path.split('?')[0]} "
+                       f"answered {status}" + (f", not {wanted}" if status != wanted else
+                                               f" with {text[:50]!r}, not 'v'"))
+            break
+    if problem is not None:  # the probe key may be stored: it is not left behind
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            direct.open(urllib.request.Request(f"{url}/delete_var?key={probe}",
+                                               method="DELETE"), timeout=timeout).close()
+    return problem
 
 
 def section_target(tools: Tools, opts: Options, results: Results) -> None:
@@ -668,11 +688,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         problem = http_url_problem(args.target)
         if problem:
             parser.error(f"--target {problem}")
-    if args.out is not None:
-        # Told before the run, not after it with everything measured lost.
-        problem = _out_problem(args.out)
-        if problem:
-            parser.error(f"--out {args.out}: cannot make a directory there ({problem})")
+    # Told before the run, not after it with everything measured lost.
+    problem = _out_problem(RESULTS_DIR if args.out is None else args.out)
+    if problem:
+        parser.error(f"--out {args.out or RESULTS_DIR}: cannot make a directory there "
+                     f"({problem})")
     if args.replot is not None and not args.replot.is_file():
         parser.error(f"--replot: no such file: {args.replot}")
     if args.replot is not None and args.out is None:
@@ -708,6 +728,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 def _out_problem(out: Path) -> str | None:
     """Why the report cannot be written under ``out`` (made there after the run), or None:
     nothing is made now, so a run refused or stopped early leaves nothing behind."""
+    raw = out.absolute() / "raw"
+    if raw.exists() and not raw.is_dir():
+        return f"{raw} is not a directory"
     path = out.absolute()
     while not path.exists():
         if path.is_symlink():
@@ -724,11 +747,15 @@ def _out_problem(out: Path) -> str | None:
 def _terminate_on_signal() -> Iterator[None]:
     """SIGTERM behaves like Ctrl-C: every process we started is stopped on the way out.
 
-    It is Ctrl-C's own signal, raised again: inside asyncio.run that cancels the main task, so
+    It is handled by Ctrl-C's own handler: inside asyncio.run that cancels the main task, so
     the stack's stop runs to its end (a KeyboardInterrupt raised in the middle of the loop
     interrupted that stop too, and left the embedded PostgreSQL running)."""
-    def handler(signum: int, frame: object) -> None:
-        signal.raise_signal(signal.SIGINT)
+    def handler(signum: int, frame: Any) -> None:
+        on_interrupt = signal.getsignal(signal.SIGINT)
+        if callable(on_interrupt) and on_interrupt is not signal.default_int_handler:
+            on_interrupt(signal.SIGINT, frame)  # asyncio.run's: cancels the main task
+        else:  # outside asyncio.run, or SIGINT ignored (a background job of a script)
+            raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -838,7 +865,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         say("interrupted: stopping everything started")
         return 130
     finally:
-        procs.stop_all()
+        # Not cut short by a further signal: that would leave nginx, HAProxy or a balancer.
+        previous = {signum: signal.signal(signum, signal.SIG_IGN)
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            procs.stop_all()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     results.meta["duration_s"] = round(time.monotonic() - clock)
     opts.out.mkdir(parents=True, exist_ok=True)
     raw_dir = opts.out / "raw"

@@ -328,6 +328,7 @@ async def _run(args: argparse.Namespace, out: TextIO, log: TextIO | None,
     )
     say = _say(out)
     if args.url:
+        args.url = args.url.rstrip("/")
         say(f"targeting {args.url}: load and history only (faults need a stack of our own)")
         problem = await url_problem(args.url)
         if problem:

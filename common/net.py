@@ -127,6 +127,8 @@ def http_url_problem(url: str) -> str | None:
         return f"is not a URL {example} ({exc}), got {url!r}"
     if parts.scheme != "http" or not parts.hostname:
         return f"must be an http:// URL {example}, got {url!r}"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return f"must be the stack's address alone, {example} (no path), got {url!r}"
     if port == 0:
         return f"must name a port from 1 to 65535, got {url!r}"
     return None

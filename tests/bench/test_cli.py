@@ -11,6 +11,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -45,6 +46,7 @@ def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         # Found before the run, not after it with everything measured lost.
         (("--out", "README.md"), "--out README.md: cannot make a directory there"),
         (("--out", "/dev/null/x"), "--out /dev/null/x: cannot make a directory there"),
+        (("--target", "http://127.0.0.1:3000/api"), "--target must be the stack's address alone"),
         (("--replot", "no/such/run.json"), "--replot: no such file: no/such/run.json"),
         (("--replot", str(RAW_RUN)), "--replot needs --out DIR"),
         (("--sections", ","), "--sections names no section: ','"),
@@ -83,7 +85,8 @@ def test_interleaving_puts_each_variant_first_and_last() -> None:
 
 
 @contextlib.asynccontextmanager
-async def answering(status: int, text: str, *, stores: bool = True) -> AsyncIterator[str]:
+async def answering(status: int, text: str, *, stores: bool = True,
+                    get_value: str | None = None) -> AsyncIterator[Any]:
     """A real HTTP server on an ephemeral port whose /healthcheck answers ``status``; with
     ``stores``, it keeps variables as the API does (in a dict: the probe's logic is tested
     here, the service itself in tests/services)."""
@@ -98,7 +101,7 @@ async def answering(status: int, text: str, *, stores: bool = True) -> AsyncIter
         return web.Response(status=201, text="variable created")
 
     async def get_var(request: web.Request) -> web.Response:
-        return web.Response(text=variables[request.query["key"]])
+        return web.Response(text=get_value or variables[request.query["key"]])
 
     async def delete_var(request: web.Request) -> web.Response:
         del variables[request.query["key"]]
@@ -116,7 +119,8 @@ async def answering(status: int, text: str, *, stores: bool = True) -> AsyncIter
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        yield (url, variables) if get_value is not None else url
     finally:
         await runner.cleanup()
 
@@ -131,6 +135,22 @@ async def test_a_target_that_is_not_varstack_is_named() -> None:
         problem = await asyncio.to_thread(run.target_problem, url)
     assert problem == ("it does not answer as varstack does: POST /set_var answered 404, "
                        "not 201")
+
+
+def test_an_out_whose_raw_folder_is_a_file_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "raw").write_text("")
+    assert f"{tmp_path / 'raw'} is not a directory" in parse_error(
+        capsys, "--out", str(tmp_path))
+
+
+async def test_a_target_that_reads_back_another_value_is_named_and_its_probe_deleted() -> None:
+    async with answering(200, "ok", get_value="other") as (url, variables):
+        problem = await asyncio.to_thread(run.target_problem, url)
+        assert variables == {}
+    assert problem == ("it does not answer as varstack does: GET /get_var answered 200 with "
+                       "'other', not 'v'")
 
 
 async def test_a_target_whose_database_is_down_is_named() -> None:

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
         (["--url", "http://[::1"], "--url is not a URL like http://127.0.0.1:3000"),
         (["--url", "ftp://x"], "--url must be an http:// URL"),
         (["--url", "http://127.0.0.1:99999"], "--url is not a URL"),
+        (["--url", "http://127.0.0.1:3000/api"], "--url must be the stack's address alone"),
     ],
 )
 def test_bad_options_are_refused_before_anything_starts(
@@ -289,7 +290,7 @@ def test_a_url_nobody_answers_on_is_named_before_any_load(
     with socket.socket() as holder:  # bound, never listening: connects are refused
         holder.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{holder.getsockname()[1]}"
-        assert run.main(["--url", url, "--quick"]) == 1
+        assert run.main(["--url", url + "/", "--quick"]) == 1  # a trailing slash is fine
     out = capsys.readouterr().out
     assert f"cannot run against {url}: nothing answers at {url} (ClientConnectorError" in out
     assert "Traceback" not in out
