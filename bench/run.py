@@ -689,10 +689,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         if problem:
             parser.error(f"--target {problem}")
     # Told before the run, not after it with everything measured lost.
-    problem = _out_problem(RESULTS_DIR if args.out is None else args.out)
+    out = RESULTS_DIR if args.out is None else args.out
+    problem = _out_problem(out)
     if problem:
-        parser.error(f"--out {args.out or RESULTS_DIR}: cannot make a directory there "
-                     f"({problem})")
+        parser.error(f"--out {out}: cannot make a directory there ({problem})")
     if args.replot is not None and not args.replot.is_file():
         parser.error(f"--replot: no such file: {args.replot}")
     if args.replot is not None and args.out is None:
@@ -718,7 +718,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         quick=args.quick,
         sections=sections,
         target=args.target,
-        out=RESULTS_DIR if args.out is None else args.out,
+        out=out,
         install=not args.no_install,
         bench_keys=BENCH_KEYS,
         replot=args.replot,

@@ -9,6 +9,7 @@ import os
 import re
 import socket
 from typing import Final
+from urllib.parse import urlsplit
 
 #: accept() or connect() errors that mean "this process is out of something", not "that peer
 #: is bad".
@@ -117,8 +118,6 @@ async def tcp_addresses(host: str, port: int) -> list[str]:
 
 def http_url_problem(url: str) -> str | None:
     """What keeps ``url`` from being an http:// URL of a host and port; None if nothing."""
-    from urllib.parse import urlsplit
-
     example = "like http://127.0.0.1:3000"
     try:
         parts = urlsplit(url)

@@ -29,7 +29,6 @@ from typing import Any, TextIO
 NAME_WIDTH = 13
 
 
-
 def exit_status(code: int | None) -> str:
     """A child's exit as the log says it: Popen's -N is the signal that killed it."""
     if code is None:
@@ -40,6 +39,7 @@ def exit_status(code: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with status {code}"
+
 
 class Output:
     """Lines from every child, each prefixed by its name, to one stream."""
