@@ -5,11 +5,10 @@ long-lived part (the listening socket, discovery, health checks, the admin liste
 them in :meth:`Server.shutdown`, one ordered method: stop accepting, let open connections finish
 until the drain deadline, close the rest, stop the helpers.
 
-Accept path: ``loop.create_server`` with the protocol-level :class:`~lb.pipe.Pipe` as the protocol
-(the README gives the numbers that chose it over ``asyncio.start_server``).  The listening socket
-is created here and the loop is handed a ``dup()`` of it: closing the loop's server pauses
-accepting without closing the socket, so clients beyond the connection cap wait in the kernel
-backlog, and a new ``create_server`` on another ``dup()`` resumes.
+Accept path: the listening socket is non-blocking and sits on the pipes' epoll set
+(:class:`~lb.pipe.Reactor`); each wakeup accepts no more clients than there is room for, and at
+the cap the socket leaves the set, so clients beyond it wait in the kernel backlog (the README
+gives the numbers that chose this over ``asyncio.start_server`` and over uvloop's transports).
 """
 
 from __future__ import annotations
@@ -18,14 +17,16 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import select
 import socket
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
 
-from common.loops import CappedFactory
+from common.logs import Throttled
 from common.net import (
+    OUT_OF_RESOURCES,
     ListenError,
     host_port,
     is_ip_address,
@@ -36,13 +37,18 @@ from lb.backends import BackendPool
 from lb.config import Config
 from lb.discovery import DnsDiscovery, NamedBackends, Resolver
 from lb.health import HealthChecker
-from lb.pipe import Pipe, Relay
+from lb.pipe import Pipe, Relay, accepted
 
 log = logging.getLogger("lb.server")
 
 #: Seconds the drain deadline watches the connections it is about to end: those that move bytes
 #: meanwhile are reset (a cut-short answer must not look whole), the quiet ones get a FIN.
 LAST_LOOK: Final = 0.1
+#: The most clients accepted per wakeup (HAProxy's ``tune.maxaccept``): the listener stays ready,
+#: so the rest come next round, after the events of the connections already open.
+ACCEPT_BATCH: Final = 64
+#: Seconds accepting pauses when this process is out of descriptors or memory.
+ACCEPT_RETRY_DELAY: Final = 1.0
 
 
 class Server:
@@ -90,11 +96,12 @@ class Server:
         self.admin: Any = None  # lb.admin.Admin, imported lazily: the proxy runs without it
         self._relay: Relay | None = None
         self._sock: socket.socket | None = None
-        self._acceptor: asyncio.AbstractServer | None = None
-        #: The protocol factory: the balancer's own loop accepts no more than there is room for.
-        self._factory = CappedFactory(self._new_pipe, self._room)
-        self._acceptor_task: asyncio.Task[None] | None = None
         self._accept_wanted = False
+        #: Whether the listening socket is on the epoll set now.
+        self._accepting = False
+        #: Out of descriptors or memory: accepting waits until this timer.
+        self._accept_retry: asyncio.TimerHandle | None = None
+        self._accept_errors = Throttled(log, logging.ERROR, interval=10.0)
         self._started = False
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -113,7 +120,6 @@ class Server:
         self._relay = Relay(
             self.pool,
             loop=loop,
-            on_admit=self._admit,
             on_finish=self._finish,
             connect_timeout=config.connect_timeout,
             connect_retries=config.connect_retries,
@@ -126,6 +132,7 @@ class Server:
         except OSError as exc:
             raise ListenError(f"{host_port(config.host, config.port)} (LB_HOST, LB_PORT)",
                               exc) from exc
+        self._sock.setblocking(False)
         self.pool.is_own_address = own_address_check(self._sock)
         try:
             if self.discovery is None:
@@ -151,8 +158,7 @@ class Server:
                     where = host_port(config.admin_host, config.admin_port)
                     raise ListenError(f"{where} (the admin listener: LB_ADMIN_HOST, "
                                       "LB_ADMIN_PORT)", exc) from exc
-            self._accept_wanted = True
-            self._acceptor = await self._serve()
+            self._set_accepting(True)
         except BaseException:
             await self.shutdown()
             raise
@@ -192,14 +198,9 @@ class Server:
         deadline = self.config.drain_timeout if drain_timeout is None else drain_timeout
         try:
             # 1. No new clients: the listening socket goes, so the kernel backlog is refused too.
-            self._accept_wanted = False
-            if self._acceptor_task is not None:
-                self._acceptor_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._acceptor_task
-            if self._acceptor is not None:
-                self._acceptor.close()
-                self._acceptor = None
+            self._set_accepting(False)
+            if self._accept_retry is not None:
+                self._accept_retry.cancel()
             if self._sock is not None:
                 self._sock.close()
             # 2. Clients accepted beyond the cap never got a backend: nothing to finish.
@@ -232,7 +233,8 @@ class Server:
                         await self._wait_idle(None)
             # 5. The helpers.
             if self._relay is not None:
-                self._relay.local_errors.close()
+                self._relay.close()
+            self._accept_errors.close()
             await self.health.stop()
             if self.discovery is not None:
                 await self.discovery.stop()
@@ -269,21 +271,48 @@ class Server:
 
     # --- accepting and the cap ----------------------------------------------------------------
 
-    def _new_pipe(self) -> Pipe:
-        assert self._relay is not None
-        return Pipe(self._relay)
-
     def _room(self) -> int:
         """How many more clients may be accepted now: the rest wait in the kernel backlog."""
         if self._stopping:
             return 0
         return self.config.max_connections - len(self.pipes) - len(self.waiting)
 
-    async def _serve(self) -> asyncio.AbstractServer:
-        assert self._sock is not None
-        return await asyncio.get_running_loop().create_server(
-            self._factory, sock=self._sock.dup(), backlog=self.config.backlog
-        )
+    def _accept(self, _events: int) -> None:
+        relay, sock = self._relay, self._sock
+        assert relay is not None
+        assert sock is not None
+        family = sock.family
+        for _ in range(min(self._room(), ACCEPT_BATCH)):
+            try:
+                fd, address = sock._accept()  # type: ignore[attr-defined]  # no socket object
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in OUT_OF_RESOURCES:
+                    self._accept_errors.log("cannot accept a client: %s; accepting again in "
+                                            "%.0f s", exc, ACCEPT_RETRY_DELAY)
+                    self._pause_accepting()
+                    return
+                continue  # that client left before its accept (ECONNABORTED, ...)
+            try:
+                pipe = accepted(relay, fd, family, address)
+            except OSError as exc:
+                self._accept_errors.log("cannot set up an accepted client: %s", exc)
+                continue
+            if self._admit(pipe):
+                pipe.start()
+        if self._room() <= 0:
+            self._set_accepting(False)
+
+    def _pause_accepting(self) -> None:
+        self._listen(False)
+        if self._accept_retry is None:
+            self._accept_retry = asyncio.get_running_loop().call_later(
+                ACCEPT_RETRY_DELAY, self._retry_accept)
+
+    def _retry_accept(self) -> None:
+        self._accept_retry = None
+        self._set_accepting(self._accept_wanted)
 
     def _admit(self, pipe: Pipe) -> bool:
         self.accepted_total += 1
@@ -293,8 +322,6 @@ class Server:
             return False
         if len(self.pipes) < self.config.max_connections and not self.waiting:
             self.pipes[pipe] = None
-            if len(self.pipes) >= self.config.max_connections:
-                self._set_accepting(False)
             return True
         # Accepted in the same batch as the one that reached the cap: it waits for a slot.
         self.waiting.append(pipe)
@@ -317,37 +344,22 @@ class Server:
             waiting.start()
         if not self.pipes:
             self._idle.set()
-        if self._acceptor is None and not self._stopping and len(self.pipes) < limit:
+        if not self._accepting and not self._stopping and len(self.pipes) < limit:
             self._set_accepting(True)
 
     def _set_accepting(self, wanted: bool) -> None:
         if self._stopping:
             wanted = False
         self._accept_wanted = wanted
-        if not wanted and self._acceptor is not None:
-            # At once: every further accept would only add to the waiting queue.
-            self._acceptor.close()
-            self._acceptor = None
-        elif wanted and self._acceptor is None and self._acceptor_task is None:
-            loop = asyncio.get_running_loop()
-            self._acceptor_task = loop.create_task(self._resume(), name="lb-accept-resume")
+        self._listen(wanted and self._accept_retry is None)
 
-    def _acceptor_missing(self) -> bool:
-        return self._accept_wanted and self._acceptor is None
-
-    async def _resume(self) -> None:
-        try:
-            while self._acceptor_missing():
-                acceptor = await self._serve()
-                if self._acceptor_missing():
-                    self._acceptor = acceptor
-                else:  # paused or stopped while create_server ran
-                    acceptor.close()
-        except OSError:
-            log.exception("cannot resume accepting; retrying in 1 s")
-            asyncio.get_running_loop().call_later(1.0, self._set_accepting, True)
-        finally:
-            self._acceptor_task = None
+    def _listen(self, on: bool) -> None:
+        """Put the listening socket on the epoll set, or take it off (clients wait in the
+        kernel backlog meanwhile)."""
+        if on == self._accepting or self._relay is None or self._sock is None:
+            return
+        self._accepting = on
+        self._relay.reactor.watch(self._sock.fileno(), select.EPOLLIN if on else 0, self._accept)
 
     # --- numbers ------------------------------------------------------------------------------
 
@@ -392,7 +404,7 @@ class Server:
                 + sum(b.failed_connects for b in pool.backends),
                 "bytes_to_backend": self.closed_bytes_to_backend + live_up,
                 "bytes_to_client": self.closed_bytes_to_client + live_down,
-                "accepting": self._acceptor is not None,
+                "accepting": self._accepting,
                 "stopping": self._stopping,
             },
         }

@@ -2,9 +2,7 @@
 
 Not a test (pytest does not collect it).  It compares, side by side and interleaved:
 
-- ``create_server``: ``lb.server.Server`` as shipped (``loop.create_server`` + the protocol pipe);
-- ``start_server``: the same pipe behind ``asyncio.start_server`` (the StreamReader/Writer made per
-  connection, then the transport handed to the pipe);
+- ``shipped``: ``lb.server.Server`` as shipped (raw sockets on one epoll set the loop watches);
 - ``streams``: a stream pipe (``start_server`` + ``open_connection``, two copy tasks per
   connection, 64 KiB reads, drain per write): the design card's first idea, for reference.
 
@@ -34,7 +32,7 @@ import psutil
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("create_server", "start_server", "streams")
+VARIANTS = ("shipped", "streams")
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nX-Served-By: bench:1\r\nContent-Length: 2\r\n"
     b"Connection: keep-alive\r\n\r\nok"
@@ -101,16 +99,11 @@ async def _backend(http_port: int, bulk_port: int) -> None:
 
 async def _lb(variant: str, port: int, backend_port: int) -> None:
     from lb.config import Config
-    from lb.pipe import Pipe
     from lb.server import Server
 
     config = Config(host="127.0.0.1", port=port, backends=(("127.0.0.1", backend_port),),
                     admin_port=0, check_mode="tcp", check_interval=60, log_level="warning",
                     max_connections=20000, backlog=4096)
-
-    class HandedOverPipe(Pipe):
-        __slots__ = ("writer",)
-        writer: asyncio.StreamWriter
 
     if variant == "streams":
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -134,27 +127,7 @@ async def _lb(variant: str, port: int, backend_port: int) -> None:
 
         await asyncio.start_server(pipe, "127.0.0.1", port, backlog=4096)
     else:
-        server = Server(config)
-        if variant == "start_server":
-            async def serve() -> asyncio.AbstractServer:
-                assert server._sock is not None
-
-                def handed_over(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                    assert server._relay is not None
-                    pipe = HandedOverPipe(server._relay)
-                    # Python 3.11.5+ closes the transport when a StreamWriter is collected:
-                    # the pipe has to keep it alive.
-                    pipe.writer = writer
-                    writer.transport.set_protocol(pipe)
-                    pipe.connection_made(writer.transport)
-
-                return await asyncio.start_server(
-                    handed_over, sock=server._sock.dup(), backlog=config.backlog
-                )
-
-            server._serve = serve  # type: ignore[method-assign]
-        await server.start()
-        assert isinstance(server._new_pipe(), Pipe)
+        await Server(config).start()
     print("ready", flush=True)
     await asyncio.Event().wait()
 

@@ -401,7 +401,8 @@ async def exchange(port: int, payload: bytes, *, timeout: float = 5.0) -> bytes:
         reader, writer = await connect(port)
         try:
             writer.write(payload)
-            with contextlib.suppress(ConnectionResetError):
+            # A connection the proxy ended already: reset, or not connected any more.
+            with contextlib.suppress(ConnectionResetError, OSError):
                 writer.write_eof()
             return await read_to_end(reader)
         finally:
@@ -430,12 +431,12 @@ def refusing_addresses(count: int) -> Iterator[list[tuple[str, int]]]:
 
 
 def buffered(server: Server) -> int:
-    """Bytes the balancer holds in its write buffers right now, over every connection."""
+    """Bytes the balancer holds right now (read, not yet sent on), over every connection."""
     total = 0
     for pipe in server.pipes:
-        for transport in (pipe.client, pipe.upstream):
-            if transport is not None and not transport.is_closing():
-                total += transport.get_write_buffer_size()
+        for side in (pipe.client, pipe.upstream):
+            if side is not None and side.open:
+                total += len(side.pending)
     return total
 
 

@@ -8,7 +8,7 @@ import gc
 
 import pytest
 
-from lb.pipe import Pipe, _Driven, _HandedOff
+from lb.pipe import Pipe, Side
 from tests.lb.lbkit import (
     EchoBackend,
     close,
@@ -85,7 +85,7 @@ async def churn(count: int, *, concurrency: int = 50) -> None:
                 assert not [t for t in asyncio.all_tasks() if "Pipe." in repr(t.get_coro())]
                 gc.collect()
                 assert not [o for o in gc.get_objects()
-                            if isinstance(o, (Pipe, _HandedOff, _Driven))]
+                            if isinstance(o, (Pipe, Side))]
                 # A health check's socket may still be closing at this instant; a leaked one
                 # stays in CLOSE_WAIT for good.
                 await eventually(lambda: close_wait_of_process() == 0
