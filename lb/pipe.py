@@ -121,33 +121,42 @@ class Reactor:
         try:
             for fd, events in self.epoll.poll(0, _MAX_EVENTS):
                 side = sides.get(fd)
-                if side is None:
-                    callback = self.others.get(fd)
-                    if callback is not None:
-                        callback(events)
-                    continue
-                if events != _IN:
-                    side.event(events)
-                    continue
-                # The hot path, inline: read a chunk, send it on (Side.read is the same).
                 try:
-                    n = side.recv_into(buffer)
-                except OSError as exc:
-                    side.read_failed(exc)
-                    continue
-                if not n:
-                    side.pipe.eof_read(side)
-                    continue
-                side.received += n
-                try:
-                    sent = side.peer_send(view[:n])
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    side.write_failed(exc)
-                    continue
-                if sent != n:
-                    side.held_back(view[sent:n])
+                    if side is None:
+                        callback = self.others.get(fd)
+                        if callback is not None:
+                            callback(events)
+                        continue
+                    if events != _IN:
+                        side.event(events)
+                        continue
+                    # The hot path, inline: read a chunk, send it on (Side.read is the same).
+                    # The bound methods are read as attributes first: called straight from a
+                    # slot, each would take the interpreter's slow path for method calls.
+                    recv_into = side.recv_into
+                    try:
+                        n = recv_into(buffer)
+                    except OSError as exc:
+                        side.read_failed(exc)
+                        continue
+                    if not n:
+                        side.pipe.eof_read(side)
+                        continue
+                    side.received += n
+                    send = side.peer_send
+                    try:
+                        sent = send(view[:n])
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as exc:
+                        side.write_failed(exc)
+                        continue
+                    if sent != n:
+                        side.held_back(view[sent:n])
+                except Exception:  # a bug here must not take the other connections with it
+                    log.exception("internal error on descriptor %d", fd)
+                    if side is not None:
+                        side.pipe.internal_error()
         finally:
             self._in_batch = False
             if self._deferred:
@@ -577,6 +586,17 @@ class Pipe:
         else:
             self._shut(peer)
         self._arm_timer()
+
+    def internal_error(self) -> None:
+        """A bug met this pipe: end it, whatever state it was left in."""
+        with contextlib.suppress(Exception):
+            self._abort("internal error", reset=True)
+        for side in (self.client, self.upstream):
+            if side is not None and side.open:
+                with contextlib.suppress(Exception):
+                    side.close(reset=True)
+        with contextlib.suppress(Exception):
+            self._maybe_done()
 
     def _shut(self, side: Side) -> None:
         try:
