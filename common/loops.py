@@ -91,35 +91,10 @@ def refuse_io_uring() -> str | None:
     return None
 
 
-class CappedFactory:
-    """A protocol factory for ``create_server`` whose owner takes at most ``room()`` more
-    connections (its cap, less those it holds or keeps waiting).
-
-    :class:`SelectorEventLoop` accepts no more than that in one wakeup, counting the ones it
-    accepted whose ``connection_made`` has not run yet (``in_flight``): the rest stay in the
-    kernel backlog, as under uvloop, whose accept callback reaches ``connection_made`` before it
-    accepts the next one. asyncio's loop accepts up to ``backlog`` connections per wakeup and
-    makes their transports only later, so the owner learnt of the cap being reached only after
-    it had accepted a whole backlog past it, descriptors and all.  Other loops just call it.
-    """
-
-    __slots__ = ("_factory", "in_flight", "room")
-
-    def __init__(self, factory: Callable[[], asyncio.BaseProtocol],
-                 room: Callable[[], int]) -> None:
-        self._factory = factory
-        self.room = room
-        #: Accepted by the loop, ``connection_made`` not yet called (kept by the loop).
-        self.in_flight = 0
-
-    def __call__(self) -> asyncio.BaseProtocol:
-        return self._factory()
-
-
 class _AcceptBatch:
     """The listening socket for one wakeup of the default loop's accept step: after the first
-    accept() that finds this process out of descriptors (or memory), or after ``limit``
-    connections, the rest of the batch finds none waiting.
+    accept() that finds this process out of descriptors (or memory), the rest of the batch
+    finds none waiting.
 
     CPython before gh-151615 goes on calling accept() after that error, up to ``backlog``
     times, and schedules a retry for each failure: the retries multiply every second until
@@ -127,28 +102,21 @@ class _AcceptBatch:
     the fixed CPython does.
     """
 
-    __slots__ = ("_exhausted", "accepted", "limit", "sock")
+    __slots__ = ("_exhausted", "sock")
 
-    def __init__(self, sock: socket.socket, limit: int | None = None) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self._exhausted = False
-        #: Accept no more than this many (None: as many as the loop asks for).
-        self.limit = limit
-        self.accepted = 0
 
     def accept(self) -> tuple[socket.socket, Any]:
         if self._exhausted:
             raise BlockingIOError(errno.EAGAIN, "the batch ended at the first resource error")
-        if self.limit is not None and self.accepted >= self.limit:
-            raise BlockingIOError(errno.EAGAIN, "the batch ended at the owner's cap")
         try:
-            pair = self.sock.accept()
+            return self.sock.accept()
         except OSError as exc:
             if exc.errno in OUT_OF_RESOURCES:
                 self._exhausted = True
             raise
-        self.accepted += 1
-        return pair
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
@@ -162,44 +130,17 @@ class SelectorEventLoop(asyncio.SelectorEventLoop):
                            **kwargs: Any) -> None:
         if isinstance(sock, _AcceptBatch):  # a retry passes back the wrapper it was given
             sock = sock.sock
-        if not isinstance(protocol_factory, CappedFactory):
-            super()._accept_connection(  # type: ignore[misc]
-                protocol_factory, _AcceptBatch(sock), *args, **kwargs)
-            return
-        # At the cap the owner closes its server; until the connections accepted last reach
-        # it (a loop step or two), the listener stays readable and this finds no room.
-        batch = _AcceptBatch(sock, max(0, protocol_factory.room() - protocol_factory.in_flight))
-        try:
-            super()._accept_connection(  # type: ignore[misc]
-                protocol_factory, batch, *args, **kwargs)
-        finally:
-            protocol_factory.in_flight += batch.accepted
-
-    def _accept_connection2(self, protocol_factory: Any, *args: Any,
-                            **kwargs: Any) -> Coroutine[Any, Any, None]:
-        step: Coroutine[Any, Any, None] = super()._accept_connection2(  # type: ignore[misc]
-            protocol_factory, *args, **kwargs)
-        if isinstance(protocol_factory, CappedFactory):
-            return _counted(step, protocol_factory)
-        return step
+        super()._accept_connection(  # type: ignore[misc]
+            protocol_factory, _AcceptBatch(sock), *args, **kwargs)
 
     def _start_serving(self, protocol_factory: Any, sock: Any, *args: Any,
                        **kwargs: Any) -> None:
         if isinstance(sock, _AcceptBatch):
             sock = sock.sock
         if sock.fileno() == -1:
-            return  # the retry of a listener closed meanwhile (cap reached, or stopping)
+            return  # the retry of a listener closed meanwhile
         super()._start_serving(  # type: ignore[misc]
             protocol_factory, sock, *args, **kwargs)
-
-
-async def _counted(step: Coroutine[Any, Any, None], factory: CappedFactory) -> None:
-    """The default loop's step from an accepted socket to ``connection_made`` (its end, also
-    when it fails), counted out of ``factory.in_flight``."""
-    try:
-        await step
-    finally:
-        factory.in_flight -= 1
 
 
 def loop_factory(choice: str, *, variable: str) -> Callable[[], asyncio.AbstractEventLoop]:

@@ -243,7 +243,7 @@ class Side:
         """Anything but plain readability: a connect that ended, room to write, an error."""
         pipe = self.pipe
         if self.connecting:
-            pipe.connect_ended(self)
+            pipe.connect_ended(self, events)
             return
         if self.pending and events & (_OUT | select.EPOLLERR | select.EPOLLHUP):
             pipe.flush(self)
@@ -478,13 +478,17 @@ class Pipe:
         if not self._closing:
             self._abort("no backend accepted" if tried else "no backends", reset=False)
 
-    def connect_ended(self, side: Side) -> None:
+    def connect_ended(self, side: Side, events: int) -> None:
         """The connect of ``side`` succeeded or failed (its socket became writable)."""
         self._cancel_expiry()
-        try:
-            code = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            code = exc.errno or errno.EINVAL
+        code = 0
+        # Writable with no error or hang-up is a connect that succeeded: the system call that
+        # would ask is needed only when it did not.
+        if events & (select.EPOLLERR | select.EPOLLHUP):
+            try:
+                code = side.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            except OSError as exc:
+                code = exc.errno or errno.EINVAL
         if code == 0:
             self._attached(side)
             return
@@ -573,13 +577,13 @@ class Pipe:
     def eof_read(self, side: Side) -> None:
         """``side``'s peer ended its direction: pass the EOF on; when both have, close."""
         side.eof = True
-        side.want(side.mask & ~_IN)
-        if self._closing:
-            return
         peer = side.peer
         assert peer is not None
-        if peer.eof:
+        if peer.eof and not self._closing:  # closing takes it off the epoll set
             self._close("done")
+            return
+        side.want(side.mask & ~_IN)
+        if self._closing:
             return
         if peer.pending:
             peer.shut_after_flush = True
@@ -881,9 +885,8 @@ def _acknowledged(sock: _socket.socket) -> int:
 def accepted(relay: Relay, fd: int, family: int, address: object) -> Pipe:
     """The pipe of a client socket ``fd`` that accept() returned."""
     sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
-    try:
+    try:  # TCP_NODELAY comes from the listening socket (Linux copies it to accepted ones)
         sock.setblocking(False)
-        sock.setsockopt(*_NODELAY)
     except OSError:
         sock.close()
         raise

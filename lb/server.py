@@ -133,6 +133,8 @@ class Server:
             raise ListenError(f"{host_port(config.host, config.port)} (LB_HOST, LB_PORT)",
                               exc) from exc
         self._sock.setblocking(False)
+        # Accepted sockets inherit it: no system call per client for it.
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.pool.is_own_address = own_address_check(self._sock)
         try:
             if self.discovery is None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from lb.pipe import Pipe, Side
 from tests.lb.lbkit import (
     BannerBackend,
     Blackhole,
@@ -380,3 +381,33 @@ async def test_client_leaving_while_backend_is_slow_to_answer() -> None:
                 await close(writer)
         await eventually(lambda: not lb.pipes and not lb.waiting)
         assert lb.stats()["totals"]["finished_connections"] == 50
+
+
+async def test_an_internal_error_ends_that_connection_only(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug met while handling one connection's events is logged and ends that connection
+    with a reset; the other connections, and the balancer, go on."""
+    async with EchoBackend() as echo, running_lb(lb_config(echo.address)) as lb:
+        other_reader, other_writer = await connect(lb.port)
+        other_writer.write(b"a")
+        assert await other_reader.readexactly(1) == b"a"
+
+        def broken(self: Pipe, side: Side) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(Pipe, "eof_read", broken)
+        reader, writer = await connect(lb.port)
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        writer.write_eof()
+        _, end = await asyncio.wait_for(how_it_ends(reader), 5)
+        assert end == "reset"
+        monkeypatch.undo()
+        await eventually(lambda: len(lb.pipes) == 1)
+        other_writer.write(b"b")
+        assert await other_reader.readexactly(1) == b"b"
+        await close(writer)
+        await close(other_writer)
+    assert "internal error on descriptor" in caplog.text
+    assert "RuntimeError: a bug" in caplog.text
