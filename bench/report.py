@@ -63,23 +63,21 @@ def _with_split(metric: str, why: str) -> Callable[[Results], str]:
 
 
 _KEEP_ALIVE_WHY = _with_split("ka", (
-    "Per request both make the same system calls (strace -c: two reads and two writes), "
-    "and they are nearly all of the balancer's time: py-spy --native puts 94% of its "
-    "samples in write, read and epoll_pwait. From its second chunk each direction is "
-    "piped by uvloop itself, with no Python frame per chunk, which cut the user time by "
-    "about a quarter (3.3 to 2.6 CPU ms per 1,000, A/B); what is left of it is uvloop's "
-    "transport layer. The kernel time moves by more than that from round to round."))
+    "Per request both make the same system calls (strace -c: two reads and two writes), and "
+    "ours adds one epoll_wait on its own epoll set per wakeup of the loop (about one per "
+    "dozen ready sockets at this load): the kernel time is the same, within the spread. "
+    "py-spy --native puts 95% of the balancer's samples in send, recv and the two epoll "
+    "waits. What ours spends over HAProxy is user time: the interpreter dispatching each "
+    "ready socket, about 1 us per request."))
 
 _NEW_CONNECTION_WHY = _with_split("close", (
-    "strace -c counts 28 system calls per connection against HAProxy's 17.7: uvloop asks "
-    "each new transport's getsockname and getpeername (4) and the connect's SO_ERROR (1), "
-    "libuv changes epoll interest 8 times where HAProxy does 3 (two of them fail with "
-    "EEXIST or ENOENT), and the half-close is passed on with shutdown (1). py-spy --native "
-    "splits the user time into uvloop and libuv (53%), the pipe's Python with the "
-    "interpreter running it (35%) and the weak references uvloop keeps of every transport "
-    "(7%). The connect step runs without a Task, which cut the user time per connection "
-    "by about a tenth (A/B: 45.6 to 40.4 CPU ms per 1,000) and the CPU by 3%. Letting libuv "
-    "batch epoll changes through io_uring (`LB_IO_URING=on`) costs a few per cent more."))
+    "strace -c counts 19.2 system calls per connection against HAProxy's 17.8: CPython checks "
+    "each accepted descriptor it is handed with getsockname (1) and makes it non-blocking "
+    "with an ioctl where HAProxy's accept4 does (1), epoll interest changes 4 times against 3, "
+    "and the half-close is passed on with shutdown (1). The rest is user time: the "
+    "interpreter running the accept, connect and close steps. Before the pipe left uvloop's "
+    "transports (an A/B: 0.609 to 0.852 of HAProxy's req/s) it was 28 system calls, uvloop "
+    "asking each transport's socket and peer names and libuv changing epoll interest 8 times."))
 
 
 TARGETS: tuple[Target, ...] = (
@@ -96,9 +94,10 @@ TARGETS: tuple[Target, ...] = (
            _KEEP_ALIVE_WHY),
     Target("balancer RSS per idle proxied connection (KiB)", "≤ 3 KiB",
            lambda r: r.get("idle_kib_per_conn", "ours"), False, 3.0, "2.9",
-           "Most of it is uvloop's: two transports and two libuv handles per proxied connection. "
-           "The pipe's own share was cut by sharing the timeout timers and keeping no strings "
-           "or timestamps unless debugging (3.62 KiB in the first full run).",
+           "Per connection: the pipe, its two sides and their two socket objects (no transport "
+           "or loop handle: the sockets sit on the balancer's own epoll set), and an entry in the "
+           "timeouts' and the epoll set's tables; 2.85 KiB with uvloop's transports, 3.62 in "
+           "the first full run.",
            idle_unjudged),
     Target("one replica, GET /get_var req/s ÷ `pgbench -S -M prepared -c8` tps", "≥ 0.12",
            lambda r: r.ratios("stack_get_rps", "direct-1", "pgbench"), True, 0.12, "0.105",

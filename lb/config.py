@@ -102,8 +102,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="LB_BACKLOG", attr="backlog", default="1024",
             help="length of the kernel accept queue, 1-65535 (capped by `net.core.somaxconn`)"),
     Setting(env="LB_BUFFER_SIZE", attr="buffer_size", default="262144",
-            help="bytes buffered per direction before reading from the sender pauses "
-                 "(1024 to 1 GiB)"),
+            help="the most bytes read at once, and held per direction for a slow reader "
+                 "before reading from the sender pauses (1024 to 1 GiB)"),
     Setting(env="LB_DRAIN_TIMEOUT", attr="drain_timeout", default="8",
             help="seconds open connections get to finish on SIGTERM; below 10 (Docker's default "
                  "stop grace; `compose.yaml` gives 15 s)"),
@@ -112,8 +112,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(env="LB_IO_URING", attr="io_uring", default="off",
             help="`on` lets uvloop's libuv batch `epoll_ctl` through io_uring; `off` keeps it "
                  "on plain `epoll_ctl` by creating the loop in a short-lived thread that a seccomp "
-                 "filter keeps from io_uring (as container engines do; a few per cent more new "
-                 "connections/s, measured; no effect under `LB_LOOP=asyncio`)"),
+                 "filter keeps from io_uring (as container engines do; no effect under "
+                 "`LB_LOOP=asyncio`)"),
     Setting(env="LB_LOG_LEVEL", attr="log_level", default="info",
             help="`debug` (one line per closed connection), `info`, `warning` or `error`"),
 )

@@ -37,6 +37,9 @@ from common.logs import Throttled
 from common.net import OUT_OF_RESOURCES, host_port
 from lb.backends import Backend, BackendPool, describe_error
 
+if not hasattr(select, "epoll"):
+    raise ImportError("the balancer needs Linux: its pipe runs on epoll (select.epoll)")
+
 log = logging.getLogger("lb.pipe")
 
 #: SO_LINGER on, zero seconds: close() sends RST, so a reset is carried across as a reset.
@@ -198,7 +201,7 @@ class Side:
         #: Bytes read from this socket (and sent on, or held in the other side's pending).
         self.received = 0
         #: Bytes for this socket that it did not take yet; the other side is not read meanwhile.
-        self.pending = b""
+        self.pending: bytes | memoryview = b""
         #: Of what was read from the other side, the bytes dropped unsent when this side ended.
         self.dropped = 0
         #: The events this side is registered for (0: not registered).
@@ -277,7 +280,9 @@ class Side:
         """The other side took part of a chunk: keep the rest, stop reading until it is written."""
         peer = self.peer
         assert peer is not None
-        peer.pending = bytes(rest)
+        # A copy (the buffer is read into next), seen through a view: writing it out in parts
+        # slices the view, not the bytes.
+        peer.pending = memoryview(bytes(rest))
         peer.want(peer.mask | _OUT)
         self.want(self.mask & ~_IN)
 
