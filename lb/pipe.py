@@ -51,6 +51,10 @@ _TICKS: Final = 4
 _LOCAL_ERROR_LOG_INTERVAL: Final = 10.0
 _IN: Final = select.EPOLLIN
 _OUT: Final = select.EPOLLOUT
+#: A side that waits for no data stays on the set for errors only, edge-triggered: a peer's RST
+#: is seen at once, and a condition that lasts (its FIN while the side is paused) wakes nobody
+#: over and over.
+_PARKED: Final = select.EPOLLET
 #: Events handled per wakeup; more stay ready, and the loop calls again.
 _MAX_EVENTS: Final = 256
 _STREAM_NONBLOCK: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -152,7 +156,7 @@ class Reactor:
                     except BlockingIOError:
                         sent = 0
                     except OSError as exc:
-                        side.write_failed(exc)
+                        side.write_failed(exc, view[:n])
                         continue
                     if sent != n:
                         side.held_back(view[sent:n])
@@ -204,7 +208,7 @@ class Side:
         self.pending: bytes | memoryview = b""
         #: Of what was read from the other side, the bytes dropped unsent when this side ended.
         self.dropped = 0
-        #: The events this side is registered for (0: not registered).
+        #: The events this side is registered for (0: not registered; _PARKED: errors only).
         self.mask = 0
         self.eof = False
         self.open = True
@@ -213,20 +217,17 @@ class Side:
         self.shut_after_flush = False
 
     def want(self, mask: int) -> None:
-        """Register for exactly ``mask``; a side that waits for nothing is not registered at
-        all, so a peer's FIN or RST cannot make its socket ready over and over meanwhile."""
+        """Wait for exactly ``mask`` (readable, writable); a side that waits for neither is
+        parked (see :data:`_PARKED`)."""
+        mask = (mask & (_IN | _OUT)) or _PARKED
         old = self.mask
         if mask == old or not self.open:
             return
-        epoll = self.reactor.epoll
-        if not old:
-            epoll.register(self.fd, mask)
-            self.reactor.sides[self.fd] = self
-        elif not mask:
-            epoll.unregister(self.fd)
-            del self.reactor.sides[self.fd]
+        if old:
+            self.reactor.epoll.modify(self.fd, mask)
         else:
-            epoll.modify(self.fd, mask)
+            self.reactor.epoll.register(self.fd, mask)
+            self.reactor.sides[self.fd] = self
         self.mask = mask
 
     def close(self, *, reset: bool = False) -> None:
@@ -247,6 +248,10 @@ class Side:
         pipe = self.pipe
         if self.connecting:
             pipe.connect_ended(self, events)
+            return
+        if self.mask == _PARKED:  # waiting for nothing: only a reset is news (a FIN is read later)
+            if events & select.EPOLLERR:
+                pipe.failed(self, _socket_error(self.sock))
             return
         if self.pending and events & (_OUT | select.EPOLLERR | select.EPOLLHUP):
             pipe.flush(self)
@@ -271,7 +276,7 @@ class Side:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self.write_failed(exc)
+            self.write_failed(exc, chunk)
             return
         if sent != n:
             self.held_back(chunk[sent:])
@@ -290,9 +295,21 @@ class Side:
         if not isinstance(exc, BlockingIOError):  # ready, then not: nothing to do
             self.pipe.failed(self, exc)
 
-    def write_failed(self, exc: OSError) -> None:
+    def write_failed(self, exc: OSError, chunk: memoryview) -> None:
+        """Sending ``chunk``, read from this side, failed: it did not pass."""
         assert self.peer is not None
-        self.pipe.failed(self.peer, exc)
+        self.received -= len(chunk)
+        self.pipe.failed(self.peer, exc, unsent=chunk)
+
+
+def _socket_error(sock: _socket.socket) -> OSError:
+    """The error a socket reported (a reset, when it does not say)."""
+    try:
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except OSError as exc:
+        return exc
+    code = code or errno.ECONNRESET
+    return OSError(code, os.strerror(code))
 
 
 def _no_peer(_: memoryview) -> int:
@@ -367,6 +384,7 @@ class Pipe:
 
     __slots__ = (
         "_active",
+        "_carry",
         "_closing",
         "_done",
         "_expiry",
@@ -406,6 +424,8 @@ class Pipe:
         self._closing = False
         self._done = False
         self._redispatched = False
+        #: The client's first chunk, which met a backend's reset: sent to the next backend.
+        self._carry = b""
 
     @property
     def peer(self) -> str:
@@ -542,6 +562,21 @@ class Pipe:
         client.peer_send = upstream.sock.send
         self._arm_timer()
         upstream.want(_IN)
+        if self._carry:
+            carry, self._carry = self._carry, b""
+            client.received += len(carry)
+            try:
+                sent = upstream.sock.send(carry)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                client.received -= len(carry)
+                self.failed(upstream, exc)
+                return
+            if sent < len(carry):  # the client is read once the rest is written (flush)
+                upstream.pending = memoryview(carry)[sent:]
+                upstream.want(_IN | _OUT)
+                return
         # Read from the client only now: until the backend existed, its bytes had nowhere to go
         # and the kernel's buffer was the right place for them.
         client.want(_IN)
@@ -613,13 +648,16 @@ class Pipe:
         except OSError:
             self._abort("reset during half-close", reset=True)
 
-    def failed(self, side: Side, exc: OSError) -> None:
-        """A read from or a write to ``side`` failed: its peer reset the connection."""
+    def failed(self, side: Side, exc: OSError, *, unsent: memoryview | None = None) -> None:
+        """A read from or a write to ``side`` failed: its peer reset the connection. ``unsent``:
+        the chunk that could not be sent to it."""
         if self._closing:  # writing out the last bytes: that peer takes none of them
             self._drop(side, reset=True)
             self._maybe_done()
             return
         if side is self.upstream and self._unused():
+            # The client's first bytes met the reset: they go to the next backend.
+            self._carry = bytes(unsent) if unsent is not None else b""
             self._redispatch()
             return
         self._abort("client reset" if side is self.client else "backend reset", reset=True)

@@ -412,6 +412,16 @@ async def exchange(port: int, payload: bytes, *, timeout: float = 5.0) -> bytes:
 # --- the balancer ----------------------------------------------------------------------------
 
 
+def accept_from(listener: socket.socket, port: int) -> socket.socket:
+    """The connection in ``listener``'s queue that comes from local ``port`` (health checks'
+    connections wait there too): a backend that accepts and then reads nothing, or resets."""
+    while True:
+        conn, peer = listener.accept()
+        if peer[1] == port:
+            return conn
+        conn.close()
+
+
 @contextlib.contextmanager
 def refusing_addresses(count: int) -> Iterator[list[tuple[str, int]]]:
     """``count`` addresses that refuse every connect for as long as the block runs.

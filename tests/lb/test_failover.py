@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
+import struct
 
 import pytest
 
 from common.net import listening_socket
 from lb.server import own_address_check
 from tests.lb.lbkit import (
+    HOST,
     Blackhole,
     EchoBackend,
     FuncBackend,
     HttpBackend,
+    accept_from,
     close,
     connect,
     eventually,
@@ -350,3 +354,50 @@ def test_which_backend_addresses_are_the_balancer_s_own(
         assert [host for host in own if not is_own(host, port)] == []
         assert [host for host in not_own if is_own(host, port)] == []
         assert not is_own(own[0], port + 1 if port < 65535 else port - 1)
+
+
+def _wait_ready(fd: int, events: int) -> None:
+    """Block (the event loop too, on purpose) until the kernel reports ``events`` on ``fd``."""
+    poller = select.poll()
+    poller.register(fd, events)
+    assert poller.poll(5000), f"descriptor {fd} never became ready for {events:#x}"
+
+
+async def test_a_reset_met_by_the_clients_first_bytes_moves_them_to_the_next_backend() -> None:
+    """A replica killed with the balancer's connection in its accept queue resets it. When the
+    client's first bytes are read in the same round as that reset, sending them fails: they
+    were counted as passed, so the client was not moved and got a reset. They now go, with the
+    client, to the next backend."""
+    with socket.socket() as dying:
+        dying.bind((HOST, 0))
+        dying.listen(16)
+        async with EchoBackend() as echo:
+            config = lb_config((HOST, dying.getsockname()[1]), echo.address, check_interval=60)
+            async with running_lb(config) as lb:
+                client = socket.create_connection((HOST, lb.port))
+                with client:
+                    await eventually(lambda: bool(lb.pipes) and all(
+                        p.upstream is not None and not p.upstream.connecting for p in lb.pipes))
+                    (pipe,) = lb.pipes
+                    assert pipe.backend is lb.pool.backends[0]  # the dying one, first in turn
+                    upstream = pipe.upstream
+                    assert upstream is not None
+                    # Without yielding to the loop: the request, then the reset, both waiting
+                    # for the balancer's next round, in that order.
+                    client.sendall(b"request")
+                    _wait_ready(pipe.client.fd, select.POLLIN)
+                    conn = accept_from(dying, upstream.sock.getsockname()[1])
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                    _wait_ready(upstream.fd, select.POLLERR)
+                    client.shutdown(socket.SHUT_WR)
+                    client.setblocking(False)
+                    loop = asyncio.get_running_loop()
+                    got = b""
+                    async with asyncio.timeout(5):
+                        while chunk := await loop.sock_recv(client, 65536):
+                            got += chunk
+                assert got == b"request"
+                await eventually(lambda: not lb.pipes)
+                stats = lb.stats()["backends"]
+                assert [b["bytes_to_backend"] for b in stats] == [0, len(b"request")]

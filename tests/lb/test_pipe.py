@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import socket
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ import pytest
 
 from lb.pipe import Pipe, Side
 from tests.lb.lbkit import (
+    HOST,
     BannerBackend,
     Blackhole,
     EchoBackend,
@@ -19,6 +21,7 @@ from tests.lb.lbkit import (
     HttpBackend,
     SinkBackend,
     SourceBackend,
+    accept_from,
     buffered,
     close,
     connect,
@@ -411,3 +414,43 @@ async def test_an_internal_error_ends_that_connection_only(
         await close(other_writer)
     assert "internal error on descriptor" in caplog.text
     assert "RuntimeError: a bug" in caplog.text
+
+
+async def test_a_client_reset_while_its_backend_reads_nothing_is_seen_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client pushes to a backend that reads nothing, so the balancer holds a chunk for it
+    and stops reading the client; then the client resets. Its side, waiting for nothing, was off
+    the epoll set, so the reset went unseen until the backend read again or the idle timeout
+    (300 s by default) ended the connection. It is seen at once, and the backend gets a reset."""
+    caplog.set_level(logging.DEBUG, logger="lb.pipe")
+    with socket.socket() as stuck:
+        stuck.bind((HOST, 0))
+        stuck.listen(16)
+        async with running_lb(lb_config((HOST, stuck.getsockname()[1]), check_interval=60)) as lb:
+            _reader, writer = await connect(lb.port)
+            await eventually(lambda: bool(lb.pipes) and all(
+                p.upstream is not None and not p.upstream.connecting for p in lb.pipes))
+            (pipe,) = lb.pipes
+            assert pipe.upstream is not None
+            with accept_from(stuck, pipe.upstream.sock.getsockname()[1]) as conn:
+
+                async def push() -> None:
+                    for chunk in pattern(256 * MiB, chunk=MiB):
+                        writer.write(chunk)
+                        await writer.drain()
+
+                pusher = asyncio.create_task(push())
+                try:
+                    await eventually(lambda: buffered(lb) > 0, timeout=10)
+                finally:
+                    pusher.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pusher
+                reset(writer)
+                await eventually(lambda: not lb.pipes)
+                conn.setblocking(False)
+                with pytest.raises(ConnectionResetError):  # noqa: PT012 - read until the reset
+                    while conn.recv(1 << 20):
+                        pass
+    assert "end=client reset\n" in caplog.text
