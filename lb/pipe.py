@@ -79,7 +79,8 @@ class Reactor:
     def __init__(self, loop: asyncio.AbstractEventLoop, *, chunk_size: int) -> None:
         self.loop = loop
         self.epoll = select.epoll()
-        #: The registered sides of pipes, by descriptor (a side that waits for nothing is not).
+        #: The registered sides of pipes, by descriptor (parked ones too; not a client waiting
+        #: for its backend's connect).
         self.sides: dict[int, Side] = {}
         #: Other registered descriptors (the listening socket) and what to call on their events.
         self.others: dict[int, Callable[[int], None]] = {}
@@ -134,7 +135,9 @@ class Reactor:
                         if callback is not None:
                             callback(events)
                         continue
-                    if events != _IN:
+                    # A side can stop reading earlier in the same batch (its backend reset it,
+                    # and it waits for the next one): its readiness is then no order to read.
+                    if events != _IN or not side.mask & _IN:
                         side.event(events)
                         continue
                     # The hot path, inline: read a chunk, send it on (Side.read is the same).
@@ -169,7 +172,8 @@ class Reactor:
             if self._deferred:
                 deferred, self._deferred = self._deferred, []
                 for sock in deferred:
-                    sock.close()
+                    with contextlib.suppress(OSError):
+                        sock.close()
 
 
 class Side:
@@ -460,6 +464,13 @@ class Pipe:
     def _connect_next(self) -> None:
         """Connect to the next backend in turn not tried yet; each is tried at most once,
         and at most 1 + ``connect_retries`` connects may time out."""
+        try:
+            self._connect_step()
+        except Exception:  # the step runs from timers and the accept path too: end this pipe
+            log.exception("connect step failed for client %s", self.peer)
+            self.internal_error()
+
+    def _connect_step(self) -> None:
         relay = self.relay
         pool = relay.pool
         tried = self._tried
@@ -475,7 +486,9 @@ class Pipe:
                 if exc.errno in OUT_OF_RESOURCES:
                     relay.log_local_error(backend.address, exc)
                     break
-                raise
+                # (An address family the host lacks, a policy refusing sockets, ...)
+                pool.connect_failed(backend, describe_error(exc))
+                continue
             try:
                 sock.setsockopt(*_NODELAY)
                 code = sock.connect_ex((backend.host, backend.port))
@@ -561,7 +574,6 @@ class Pipe:
         upstream.peer_send = client.sock.send
         client.peer_send = upstream.sock.send
         self._arm_timer()
-        upstream.want(_IN)
         if self._carry:
             carry, self._carry = self._carry, b""
             client.received += len(carry)
@@ -571,12 +583,14 @@ class Pipe:
                 sent = 0
             except OSError as exc:
                 client.received -= len(carry)
+                upstream.want(_IN)
                 self.failed(upstream, exc)
                 return
             if sent < len(carry):  # the client is read once the rest is written (flush)
                 upstream.pending = memoryview(carry)[sent:]
                 upstream.want(_IN | _OUT)
                 return
+        upstream.want(_IN)
         # Read from the client only now: until the backend existed, its bytes had nowhere to go
         # and the kernel's buffer was the right place for them.
         client.want(_IN)
@@ -619,7 +633,7 @@ class Pipe:
         side.eof = True
         peer = side.peer
         assert peer is not None
-        if peer.eof and not self._closing:  # closing takes it off the epoll set
+        if peer.eof and not self._closing:  # both directions ended
             self._close("done")
             return
         side.want(side.mask & ~_IN)
@@ -628,7 +642,8 @@ class Pipe:
         if peer.pending:
             peer.shut_after_flush = True
         else:
-            self._shut(peer)
+            if not self._shut(peer):  # the peer was gone
+                return
         self._arm_timer()
 
     def internal_error(self) -> None:
@@ -638,15 +653,18 @@ class Pipe:
         for side in (self.client, self.upstream):
             if side is not None and side.open:
                 with contextlib.suppress(Exception):
-                    side.close(reset=True)
+                    self._drop(side, reset=True)
         with contextlib.suppress(Exception):
             self._maybe_done()
 
-    def _shut(self, side: Side) -> None:
+    def _shut(self, side: Side) -> bool:
+        """Pass an EOF on to ``side``; False when that found it reset (the pipe is ended)."""
         try:
             side.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._abort("reset during half-close", reset=True)
+            return False
+        return True
 
     def failed(self, side: Side, exc: OSError, *, unsent: memoryview | None = None) -> None:
         """A read from or a write to ``side`` failed: its peer reset the connection. ``unsent``:
@@ -666,8 +684,8 @@ class Pipe:
         """Nothing has passed in either direction yet (so the backend saw nothing of the
         client's), and the connection has not been moved once already."""
         upstream = self.upstream
-        return (self.client.received == 0 and upstream is not None and upstream.received == 0
-                and not upstream.eof and not self._redispatched)
+        return (self.client.received == 0 and not self.client.eof and upstream is not None
+                and upstream.received == 0 and not upstream.eof and not self._redispatched)
 
     def _redispatch(self) -> None:
         """The backend reset the connection before any byte passed: the client is moved to
@@ -927,7 +945,11 @@ def _acknowledged(sock: _socket.socket) -> int:
 
 def accepted(relay: Relay, fd: int, family: int, address: object) -> Pipe:
     """The pipe of a client socket ``fd`` that accept() returned."""
-    sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    try:
+        sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    except OSError:
+        os.close(fd)
+        raise
     try:  # TCP_NODELAY comes from the listening socket (Linux copies it to accepted ones)
         sock.setblocking(False)
     except OSError:

@@ -116,26 +116,30 @@ class Server:
             return
         self._started = True
         config = self.config
-        loop = asyncio.get_running_loop()
-        self._relay = Relay(
-            self.pool,
-            loop=loop,
-            on_finish=self._finish,
-            connect_timeout=config.connect_timeout,
-            connect_retries=config.connect_retries,
-            idle_timeout=config.idle_timeout,
-            half_close_timeout=config.half_close_timeout,
-            buffer_size=config.buffer_size,
-        )
         try:
-            self._sock = listening_socket(config.host, config.port, backlog=config.backlog)
+            sock = listening_socket(config.host, config.port, backlog=config.backlog)
         except OSError as exc:
             raise ListenError(f"{host_port(config.host, config.port)} (LB_HOST, LB_PORT)",
                               exc) from exc
-        self._sock.setblocking(False)
-        # Accepted sockets inherit it: no system call per client for it.
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.pool.is_own_address = own_address_check(self._sock)
+        self._sock = sock
+        try:
+            sock.setblocking(False)
+            # Accepted sockets inherit it: no system call per client for it.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._relay = Relay(
+                self.pool,
+                loop=asyncio.get_running_loop(),
+                on_finish=self._finish,
+                connect_timeout=config.connect_timeout,
+                connect_retries=config.connect_retries,
+                idle_timeout=config.idle_timeout,
+                half_close_timeout=config.half_close_timeout,
+                buffer_size=config.buffer_size,
+            )
+        except BaseException:
+            sock.close()
+            raise
+        self.pool.is_own_address = own_address_check(sock)
         try:
             if self.discovery is None:
                 self.pool.update(config.backends)

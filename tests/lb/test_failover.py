@@ -363,11 +363,15 @@ def _wait_ready(fd: int, events: int) -> None:
     assert poller.poll(5000), f"descriptor {fd} never became ready for {events:#x}"
 
 
-async def test_a_reset_met_by_the_clients_first_bytes_moves_them_to_the_next_backend() -> None:
-    """A replica killed with the balancer's connection in its accept queue resets it. When the
-    client's first bytes are read in the same round as that reset, sending them fails: they
-    were counted as passed, so the client was not moved and got a reset. They now go, with the
-    client, to the next backend."""
+@pytest.mark.parametrize("first", ["request", "reset"])
+async def test_a_reset_met_by_the_clients_first_bytes_moves_them_to_the_next_backend(
+    first: str,
+) -> None:
+    """A replica killed with the balancer's connection in its accept queue resets it, and the
+    client's first bytes are read in the same round. Request first: sending it failed, it was
+    counted as passed, so the client was not moved and got a reset; it now goes, with the
+    client, to the next backend. Reset first: the client, moved already, was still read in that
+    round, with nowhere to send to (an internal error, and a reset)."""
     with socket.socket() as dying:
         dying.bind((HOST, 0))
         dying.listen(16)
@@ -382,14 +386,17 @@ async def test_a_reset_met_by_the_clients_first_bytes_moves_them_to_the_next_bac
                     assert pipe.backend is lb.pool.backends[0]  # the dying one, first in turn
                     upstream = pipe.upstream
                     assert upstream is not None
-                    # Without yielding to the loop: the request, then the reset, both waiting
-                    # for the balancer's next round, in that order.
-                    client.sendall(b"request")
-                    _wait_ready(pipe.client.fd, select.POLLIN)
+                    # Without yielding to the loop: the request and the reset both wait for
+                    # the balancer's next round, in the order asked.
                     conn = accept_from(dying, upstream.sock.getsockname()[1])
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    conn.close()
-                    _wait_ready(upstream.fd, select.POLLERR)
+                    for step in (first, "reset" if first == "request" else "request"):
+                        if step == "request":
+                            client.sendall(b"request")
+                            _wait_ready(pipe.client.fd, select.POLLIN)
+                        else:
+                            conn.close()
+                            _wait_ready(upstream.fd, select.POLLERR)
                     client.shutdown(socket.SHUT_WR)
                     client.setblocking(False)
                     loop = asyncio.get_running_loop()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
+import os
 import socket
 from collections.abc import Callable
 
@@ -454,3 +456,32 @@ async def test_a_client_reset_while_its_backend_reads_nothing_is_seen_at_once(
                     while conn.recv(1 << 20):
                         pass
     assert "end=client reset\n" in caplog.text
+
+
+async def test_an_error_in_the_connect_step_ends_that_connection_and_frees_its_slot(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """epoll_ctl can fail (ENOMEM; ENOSPC past fs.epoll.max_user_watches). The connect step runs
+    from the accept path and from timers, where no one else would end the pipe: it would hold
+    its slot for good, its client never read and never closed."""
+    async with EchoBackend() as echo, running_lb(
+        lb_config(echo.address, max_connections=1)
+    ) as lb:
+        real_want = Side.want
+
+        def failing_want(self: Side, mask: int) -> None:
+            if self.connecting:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            real_want(self, mask)
+
+        monkeypatch.setattr(Side, "want", failing_want)
+        # A plain socket: the reset may come before an asyncio connect has looked at it.
+        with socket.create_connection((HOST, lb.port)) as client:
+            client.setblocking(False)
+            with pytest.raises(ConnectionResetError):
+                async with asyncio.timeout(5):
+                    await asyncio.get_running_loop().sock_recv(client, 1)
+        await eventually(lambda: not lb.pipes)
+        monkeypatch.undo()
+        assert await exchange(lb.port, b"served") == b"served"  # the one slot is free again
+    assert "connect step failed for client" in caplog.text
