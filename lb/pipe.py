@@ -240,7 +240,7 @@ class Side:
             return
         self.open = False
         if self.mask:
-            del self.reactor.sides[self.fd]
+            self.reactor.sides.pop(self.fd, None)  # (gone already once the reactor closed)
             self.mask = 0
         if reset:
             with contextlib.suppress(OSError):

@@ -107,14 +107,14 @@ async def test_drain_deadline_closes_what_is_left() -> None:
 
 async def test_a_transfer_still_moving_at_the_drain_deadline_is_reset() -> None:
     """The client reads as fast as the answer comes, so no buffer holds bytes back when the
-    deadline ends the connection; the bytes the kernel saw move during the last look make it
-    a reset all the same: a FIN would make the part the client got look whole."""
+    deadline ends the connection; the bytes passed on during the last look make it a reset
+    all the same: a FIN would make the part the client got look whole."""
     async with FuncBackend(paced_download) as backend, LbProcess(
         lb_env(backend.port, LB_DRAIN_TIMEOUT="0.3")
     ) as lb:
         reader, writer = await connect(lb.port)
         try:
-            first = await reader.readexactly(3 * 65536)  # past the second chunk: handed off
+            first = await reader.readexactly(3 * 65536)  # several chunks in: a stream
             lb.signal(signal.SIGTERM)
             got, end = await asyncio.wait_for(how_it_ends(reader), 10)
             assert await lb.wait(timeout=10) == 0

@@ -42,7 +42,7 @@ async def one_connection(port: int, i: int) -> None:
             await reader.readexactly(8)
             reset(writer)
         elif kind in (4, 5):
-            for n in range(4):  # from the second chunk on, each direction is handed off
+            for n in range(4):  # a stream of several chunks each way
                 writer.write(b"stream %d" % n)
                 await reader.readexactly(8)
             if kind == 4:
