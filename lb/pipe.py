@@ -137,12 +137,11 @@ class Reactor:
                         continue
                     # A side can stop reading earlier in the same batch (its backend reset it,
                     # and it waits for the next one): its readiness is then no order to read.
-                    if events != _IN or not side.mask & _IN:
-                        side.event(events)
+                    if (events != _IN or not side.mask & _IN) and not side.event(events):
                         continue
-                    # The hot path, inline: read a chunk, send it on (Side.read is the same).
-                    # The bound methods are read as attributes first: called straight from a
-                    # slot, each would take the interpreter's slow path for method calls.
+                    # Read a chunk, send it on: inline, as this runs for every chunk. The bound
+                    # methods are read as attributes first: called straight from a slot, each
+                    # would take the interpreter's slow path for method calls.
                     recv_into = side.recv_into
                     try:
                         n = recv_into(buffer)
@@ -247,43 +246,21 @@ class Side:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         self.reactor.release(self.sock)
 
-    def event(self, events: int) -> None:
-        """Anything but plain readability: a connect that ended, room to write, an error."""
+    def event(self, events: int) -> bool:
+        """Anything but plain readability: a connect that ended, room to write, an error.
+        True when the side is to be read now (by :meth:`Reactor._ready`)."""
         pipe = self.pipe
         if self.connecting:
             pipe.connect_ended(self, events)
-            return
+            return False
         if self.mask == _PARKED:  # waiting for nothing: only a reset is news (a FIN is read later)
             if events & select.EPOLLERR:
                 pipe.failed(self, _socket_error(self.sock))
-            return
+            return False
         if self.pending and events & (_OUT | select.EPOLLERR | select.EPOLLHUP):
             pipe.flush(self)
-        if self.open and self.mask & _IN and events & (_IN | select.EPOLLERR | select.EPOLLHUP):
-            self.read()
-
-    def read(self) -> None:
-        """Read a chunk and send it on (the hot path in :meth:`Reactor._ready` is the same)."""
-        reactor = self.reactor
-        try:
-            n = self.recv_into(reactor.buffer)
-        except OSError as exc:
-            self.read_failed(exc)
-            return
-        if not n:
-            self.pipe.eof_read(self)
-            return
-        self.received += n
-        chunk = reactor.view[:n]
-        try:
-            sent = self.peer_send(chunk)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            self.write_failed(exc, chunk)
-            return
-        if sent != n:
-            self.held_back(chunk[sent:])
+        return bool(self.open and self.mask & _IN
+                    and events & (_IN | select.EPOLLERR | select.EPOLLHUP))
 
     def held_back(self, rest: memoryview) -> None:
         """The other side took part of a chunk: keep the rest, stop reading until it is written."""
