@@ -192,7 +192,6 @@ class Side:
         "reactor",
         "received",
         "recv_into",
-        "shut_after_flush",
         "sock",
     )
 
@@ -216,8 +215,6 @@ class Side:
         self.eof = False
         self.open = True
         self.connecting = False
-        #: The other side's EOF came while bytes were pending: pass it on once they are written.
-        self.shut_after_flush = False
 
     def want(self, mask: int) -> None:
         """Wait for exactly ``mask`` (readable, writable); a side that waits for neither is
@@ -589,17 +586,7 @@ class Pipe:
             side.pending = pending[sent:]
             return
         side.pending = b""
-        if self._closing:  # closed, waiting for these last bytes to be written
-            self._close_side(side)
-            if self._sweep is not None and not self._unsent():
-                self._cancel_timer()
-            self._maybe_done()
-            return
         side.want(side.mask & ~_OUT)
-        if side.shut_after_flush:
-            side.shut_after_flush = False
-            self._shut(side)
-            return
         source = side.peer
         assert source is not None
         if not source.eof:
@@ -610,18 +597,13 @@ class Pipe:
         side.eof = True
         peer = side.peer
         assert peer is not None
-        if peer.eof and not self._closing:  # both directions ended
+        if peer.eof:  # both directions ended
             self._close("done")
             return
         side.want(side.mask & ~_IN)
-        if self._closing:
-            return
-        if peer.pending:
-            peer.shut_after_flush = True
-        else:
-            if not self._shut(peer):  # the peer was gone
-                return
-        self._arm_timer()
+        # Nothing waits to be written to the peer: a side is read only while nothing does.
+        if self._shut(peer):
+            self._arm_timer()
 
     def internal_error(self) -> None:
         """A bug met this pipe: end it, whatever state it was left in."""
@@ -646,10 +628,6 @@ class Pipe:
     def failed(self, side: Side, exc: OSError, *, unsent: memoryview | None = None) -> None:
         """A read from or a write to ``side`` failed: its peer reset the connection. ``unsent``:
         the chunk that could not be sent to it."""
-        if self._closing:  # writing out the last bytes: that peer takes none of them
-            self._drop(side, reset=True)
-            self._maybe_done()
-            return
         if side is self.upstream and self._unused():
             # The client's first bytes met the reset: they go to the next backend.
             self._carry = bytes(unsent) if unsent is not None else b""
@@ -707,18 +685,13 @@ class Pipe:
     # --- endings ------------------------------------------------------------------------------
 
     def _close(self, why: str) -> None:
-        """Close both sides once their pending bytes are written. A peer that takes none of
-        them would hold the connection (and its slot) for ever: the half-close timeout, the
-        drain deadline and a second signal still end it (see :meth:`_cut`)."""
+        """Close both sides with a FIN. Called once both EOFs were read: nothing is pending
+        then, as a side is read only while nothing waits to be written to its peer."""
         if not self._ending(why):
             return
         for side in self._sides():
-            if side.pending:
-                side.want(_OUT)
-            else:
-                self._close_side(side)
-        if self._unsent():
-            self._watch(self.relay.half_close_sweep)
+            assert not side.pending, "closing with bytes still to write"
+            self._close_side(side)
         self._maybe_done()
 
     def _abort(self, why: str, *, reset: bool) -> None:
@@ -747,26 +720,14 @@ class Pipe:
             return (self.client,) if self.client.open else ()
         return (self.client, upstream) if self.client.open else (upstream,)
 
-    def _unsent(self) -> bool:
-        return any(side.pending for side in self._sides())
-
     def _cut(self, why: str) -> None:
         """The balancer ends the connection on its own (a timeout, the drain deadline). A FIN
         would tell each peer that the other's stream ended there, so when bytes are in flight
         (pending here, or moving since the last tick or :meth:`forget_activity`) the peers get
         an RST: a cut-short answer never looks whole. A quiet connection is closed."""
-        if self._closing:
-            if self._sweep is None:  # aborted already, or closing with nothing left to write
-                return
-            # Closed already, waiting for a peer to take its last bytes: it gets an RST
-            # instead of them (its side of the stream is cut short).
-            self.end = f"{why} while closing"
-            self._cancel_timer()
-            for side in self._sides():
-                self._drop(side, reset=bool(side.pending))
-            self._maybe_done()
+        if self._closing:  # its sockets are closed already
             return
-        in_flight = (self._active or self._unsent()
+        in_flight = (self._active or any(side.pending for side in self._sides())
                      or (self._seen is not None and self._movement() != self._seen))
         self._abort(why, reset=in_flight)
 
