@@ -203,6 +203,11 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
 
 
+def user_cpu_seconds(pid: int) -> float:
+    """User CPU seconds of one process so far."""
+    return cpu_times(pid)[0]
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of one process so far."""
     return sum(cpu_times(pid))

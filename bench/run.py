@@ -315,8 +315,9 @@ def run_pgbench(port: int, password: str, seconds: float,
     return PgbenchResult(tps, transactions)
 
 
-#: The parts of the machine whose CPU the stack section accounts for, per request.
-CPU_PARTS = ("replicas", "balancer", "postgres", "load", "machine")
+#: The parts of the machine whose CPU the stack section accounts for, per request
+#: (``balancer_user``: the user time within ``balancer``'s).
+CPU_PARTS = ("replicas", "balancer", "balancer_user", "postgres", "load", "machine")
 
 
 class CpuSplit:
@@ -334,6 +335,7 @@ class CpuSplit:
         readers: dict[str, dict[int, Callable[[int], float]]] = {
             "replicas": {pid: load.cpu_seconds for pid in self.replica_pids},
             "balancer": {balancer_pid: load.cpu_seconds} if balancer_pid else {},
+            "balancer_user": {balancer_pid: load.user_cpu_seconds} if balancer_pid else {},
             "postgres": {self.pg_pid: load.tree_cpu_seconds},
         }
         seconds: dict[str, dict[int, float]] = {part: {} for part in readers}

@@ -103,6 +103,36 @@ def test_the_run_itself_is_measured_per_request(sleeper: subprocess.Popen[bytes]
     assert not results.has("stack_cpu_us_load", "ours-4")
 
 
+def test_the_balancer_s_user_time_is_counted_within_its_total() -> None:
+    # The burner stands for the balancer: once told to, it burns user time (BURNER would not
+    # do: reading the process clock is a system call, so most of its time is the kernel's).
+    code = f"""
+import resource, sys
+sys.stdin.readline()
+started = resource.getrusage(resource.RUSAGE_SELF).ru_utime
+while resource.getrusage(resource.RUSAGE_SELF).ru_utime - started < {BURN}:
+    for _ in range(100_000):
+        pass
+print("burnt", flush=True)
+sys.stdin.read()
+"""
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          stdin=subprocess.PIPE, text=True) as balancer:
+        assert balancer.stdout is not None
+        assert balancer.stdin is not None
+        split = CpuSplit(replica_pids=[], pg_pid=balancer.pid)
+        with split.measure(balancer_pid=balancer.pid) as spent:
+            balancer.stdin.write("go\n")
+            balancer.stdin.flush()
+            assert balancer.stdout.readline() == "burnt\n"
+        balancer.stdin.close()
+    assert BURN - TICKS <= spent["balancer_user"] <= spent["balancer"] <= BURN + TICKS
+    results = Results()
+    record_cpu(results, "ours-2", spent, requests=1000)
+    (user_us,) = results.get("stack_cpu_us_balancer_user", "ours-2")
+    assert user_us >= (BURN - TICKS) * 1000
+
+
 def account(results: Results, variant: str, **us: float) -> None:
     for part, value in us.items():
         results.add(f"stack_cpu_us_{part}", variant, value)
@@ -124,6 +154,21 @@ def test_the_report_shows_the_account_and_reasons_from_it() -> None:
             "PostgreSQL 120, wrk 50.0, other 50.0") in why
     # 0.2 of 25,000 tps is 5,000 req/s: 2 busy cores give each at most 400 us.
     assert "Reaching 0.2 of pgbench, 5 000 req/s, on those cores needs at most 400 us" in why
+
+
+def test_the_stack_reasoning_splits_the_balancers_user_time_when_measured() -> None:
+    results = Results()
+    for variant, rps in (("ours-2", 3000), ("haproxy-2", 3200)):
+        results.add("stack_get_rps", variant, rps)
+        account(results, variant, replicas=400, balancer=30 if variant == "ours-2" else 25,
+                postgres=120, load=50, machine=700)
+    why = report.targets_table(results)
+    assert "our balancer spent 30.0 CPU us and HAProxy 25.0, the machine" in why
+    account(results, "ours-2", balancer_user=8)
+    account(results, "haproxy-2", balancer_user=4)
+    why = report.targets_table(results)
+    assert ("our balancer spent 30.0 CPU us and HAProxy 25.0 (8.00 and 4.00 of it user time), "
+            "the machine") in why
 
 
 def test_a_run_without_the_account_keeps_the_profiles_reasoning() -> None:
