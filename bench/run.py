@@ -1,9 +1,10 @@
 """``make bench`` / ``python -m bench``: wrk and hey against the balancer, the service and the whole
 stack, side by side with HAProxy, then a markdown report and PNG plots in ``bench/results/``.
 
-Three sections, each comparison interleaved (A B A B, the order rotated every round) over
-``--rounds`` rounds, so that the noise of a shared machine hits every variant alike; the report
-quotes medians with the min-max spread, and ratios taken round by round:
+Three sections, each comparison interleaved (A B, then B A: each round the one before reversed,
+every second one moved on by one; see :func:`rotate`) over ``--rounds`` rounds, so that the noise
+of a shared machine hits every variant alike; the report quotes medians with the min-max spread,
+and ratios taken round by round:
 
 1. ``balancer``: our balancer alone in front of a backend that costs almost nothing (nginx, one
    worker, a tiny static answer and a 16 MiB file), against HAProxy 2.6 (TCP mode, ``nbthread 1``)
@@ -103,11 +104,14 @@ say = Progress()
 def rotate(items: Sequence[str], round_no: int) -> list[str]:
     """The variants in a different order each round (A B, then B A, ...): no position bias.
 
-    Rotated by one each round, and reversed every other full turn: two variants go A B, B A,
-    B A, A B; three go through all six orders in six rounds."""
-    k = round_no % len(items)
+    Every other round is the round before reversed, and the order moves on by one every two
+    rounds: two variants go A B, B A, B A, A B; three go through all six orders in six rounds;
+    and any two of many swap places from one round to the next. (A rotation by one each round,
+    reversed only after a full turn, kept each of the stack's eight variants before its
+    neighbour for eight rounds: our balancer was measured before HAProxy in every round.)"""
+    k = (round_no // 2) % len(items)
     order = [*items[k:], *items[:k]]
-    return order[::-1] if (round_no // len(items)) % 2 else order
+    return order[::-1] if round_no % 2 else order
 
 
 def _wrk_with_cpu(url: str, *procs: Proc,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -82,6 +83,20 @@ def test_interleaving_puts_each_variant_first_and_last() -> None:
     # used to cancel out, and the first variant was measured first in every round).
     assert [run.rotate(["a", "b"], rnd) for rnd in range(4)] == [
         ["a", "b"], ["b", "a"], ["b", "a"], ["a", "b"]]
+
+
+def test_any_two_of_many_variants_swap_places_from_one_round_to_the_next() -> None:
+    # The stack compares eight variants, ours-N beside haproxy-N: each comparison has to see
+    # both orders within the 5 rounds of a run, not only after a full turn of eight.
+    variants = ["pgbench", "direct-1", "ours-1", "haproxy-1", "ours-2", "haproxy-2", "ours-4",
+                "haproxy-4"]
+    orders = [run.rotate(variants, rnd) for rnd in range(16)]
+    for rnd in range(0, 16, 2):
+        this, following = orders[rnd], orders[rnd + 1]
+        for a, b in itertools.combinations(variants, 2):
+            assert (this.index(a) < this.index(b)) != (following.index(a) < following.index(b))
+    assert {order[0] for order in orders} == set(variants)  # each goes first in turn
+    assert {order[-1] for order in orders} == set(variants)
 
 
 @contextlib.asynccontextmanager
