@@ -7,8 +7,10 @@ import re
 import resource
 import shlex
 import subprocess
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 WRK_DIR = BENCH_DIR / "wrk"
@@ -16,6 +18,57 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _TIME_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 _SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+class Stopped(BaseException):
+    """The bench is stopping (Ctrl-C, SIGTERM): no load is started, and a cut one has no result.
+
+    A BaseException, like KeyboardInterrupt: a section's failure handler does not take it for a
+    failed section and go on to the next one."""
+
+
+_stopping = threading.Event()
+_running: set[subprocess.Popen[str]] = set()
+_running_lock = threading.Lock()
+
+
+def stop_loads() -> None:
+    """Kill the load generators running now and refuse to start more, from any thread.
+
+    Measuring threads cannot be cancelled: without this, one would go on sending load to a
+    stack already stopped, and print the refusals it counted as figures."""
+    with _running_lock:
+        _stopping.set()
+        for proc in _running:
+            proc.kill()
+
+
+def allow_loads() -> None:
+    """Undo :func:`stop_loads` (a new run in the same process)."""
+    _stopping.clear()
+
+
+def run_load(cmd: list[str], *, timeout: float, **popen: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(cmd)`` with its output captured, cut short by :func:`stop_loads`."""
+    with _running_lock:
+        if _stopping.is_set():
+            raise Stopped(f"not started: {display(cmd)}")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **popen)
+        _running.add(proc)
+    try:
+        with proc:
+            try:
+                out, err = proc.communicate(timeout=timeout)
+            except BaseException:
+                proc.kill()
+                raise
+    finally:
+        with _running_lock:
+            _running.discard(proc)
+    if _stopping.is_set():
+        raise Stopped(f"cut short: {display(cmd)}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @dataclass
@@ -111,8 +164,7 @@ def run_wrk(
 ) -> LoadResult:
     cmd = wrk_command(url, seconds=seconds, connections=connections, threads=threads,
                       script=script, headers=headers, wrk=wrk)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
-                          env={**os.environ, **(env or {})}, check=False)
+    done = run_load(cmd, timeout=seconds + 60, env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed: {done.stderr.strip()[-500:]}")
     return parse_wrk(done.stdout, display(cmd))
@@ -176,7 +228,7 @@ def run_hey(
 ) -> LoadResult:
     cmd = hey_command(url, seconds=seconds, connections=connections, method=method, body=body,
                       hey=hey)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    done = run_load(cmd, timeout=seconds + 60)
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed: {done.stderr.strip()[-500:]}")
     return parse_hey(done.stdout, display(cmd))

@@ -304,8 +304,8 @@ class PgbenchResult:
 def run_pgbench(port: int, password: str, seconds: float,
                 dbname: str = "pgbench") -> PgbenchResult:
     cmd = pgbench_cmd(port, seconds, dbname)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False,
-                          env={**os.environ, "PGPASSWORD": password}, cwd="/", **_pg_user())
+    done = load.run_load(cmd, timeout=seconds + 60, env={**os.environ, "PGPASSWORD": password},
+                         cwd="/", **_pg_user())
     if done.returncode != 0:
         raise RuntimeError(f"pgbench failed: {done.stderr.strip()[-400:]}")
     tps = transactions = None
@@ -573,6 +573,11 @@ async def with_stack(procs: Procs, tools: Tools, opts: Options, results: Results
                                      if replica.pid is not None]}
             await asyncio.to_thread(section_stack_measure, info, procs, tools, opts, results,
                                     seed)
+        except (asyncio.CancelledError, KeyboardInterrupt, load.Stopped):
+            # Ctrl-C or SIGTERM: the measuring thread cannot be cancelled, so its load is cut
+            # instead; else it would go on measuring a stack stopped under it.
+            load.stop_loads()
+            raise
         except BaseException:
             log.flush()
             print("stack log (last lines):\n" + "\n".join(
@@ -857,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     })
     procs = Procs()
     clock = time.monotonic()
+    load.allow_loads()
     try:
         with _terminate_on_signal():
             # A section that fails is reported and the next one runs: what was measured is kept.
@@ -867,7 +873,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          lambda: asyncio.run(with_stack(procs, tools, opts, results)))
             if "target" in opts.sections:
                 _section("target", results, section_target, tools, opts, results)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, load.Stopped):
+        load.stop_loads()
         say("interrupted: stopping everything started")
         return 130
     finally:
