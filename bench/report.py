@@ -46,15 +46,26 @@ def idle_unjudged(r: Results) -> str:
 
 
 def _user_kernel(r: Results, metric: str) -> str:
-    """This run's user and kernel CPU of ours and HAProxy (empty if the run did not split it)."""
+    """This run's user and kernel CPU of ours and HAProxy, and where the difference lies
+    (empty if the run did not split it)."""
     parts = [summarize(r.get(f"{metric}_{kind}_ms_per_1k", variant))
              for variant in ("ours", "haproxy") for kind in ("user", "kernel")]
     if any(p is None for p in parts):
         return ""
-    ours_user, ours_kernel, h_user, h_kernel = (p.median for p in parts if p is not None)
-    return (f"In this run the balancer spent {fmt_num(ours_user)} CPU ms of user time and "
-            f"{fmt_num(ours_kernel)} in the kernel per 1,000, HAProxy {fmt_num(h_user)} and "
-            f"{fmt_num(h_kernel)} (medians; the table under part 1 has the spread). ")
+    ours_user, ours_kernel, h_user, h_kernel = (p for p in parts if p is not None)
+    overlap = ours_kernel.low <= h_kernel.high and h_kernel.low <= ours_kernel.high
+    # ms per 1,000 requests are us per request.
+    return (f"In this run the balancer spent {fmt_num(ours_user.median)} CPU ms of user time "
+            f"and {fmt_num(ours_kernel.median)} in the kernel per 1,000, HAProxy "
+            f"{fmt_num(h_user.median)} and {fmt_num(h_kernel.median)} (medians; the table "
+            f"under part 1 has the spread): per request, ours spent "
+            f"{_signed_us(ours_user.median - h_user.median)} of user time and "
+            f"{_signed_us(ours_kernel.median - h_kernel.median)} of kernel time, and the two "
+            f"kernel times' spreads {'overlap' if overlap else 'do not overlap'}. ")
+
+
+def _signed_us(diff: float) -> str:
+    return f"{fmt_num(diff)} us more" if diff >= 0 else f"{fmt_num(-diff)} us less"
 
 
 def _with_split(metric: str, why: str) -> Callable[[Results], str]:
@@ -65,10 +76,11 @@ def _with_split(metric: str, why: str) -> Callable[[Results], str]:
 _KEEP_ALIVE_WHY = _with_split("ka", (
     "Per request both make the same system calls (strace -c: two reads and two writes), and "
     "ours adds one epoll_wait on its own epoll set per wakeup of the loop (about one per "
-    "dozen ready sockets at this load): the kernel time is the same, within the spread. "
-    "py-spy --native puts 95% of the balancer's samples in send, recv and the two epoll "
-    "waits. What ours spends over HAProxy is user time: the interpreter dispatching each "
-    "ready socket, about 1 us per request."))
+    "dozen ready sockets at this load). py-spy --native puts 95% of the balancer's samples "
+    "in send, recv and the two epoll waits; the user time ours spends over HAProxy is the "
+    "interpreter dispatching each ready socket and CPython's cost per socket call (argument "
+    "parsing, the GIL released and taken back). Over the runs of 2026-11-29 on the same "
+    "pipe these ratios fell on both sides of the targets."))
 
 _NEW_CONNECTION_WHY = _with_split("close", (
     "strace -c counts 19.2 system calls per connection against HAProxy's 17.8: CPython checks "
@@ -195,11 +207,12 @@ def targets_table(results: Results) -> str:
 
 
 def _table(results: Results, rows: list[tuple[str, str, str]], variants: list[str],
-           headers: list[str]) -> str:
-    """Rows (label, metric, unit) x variants; each cell median [min-max]."""
+           headers: list[str], blank: Callable[[str, str], bool] = lambda m, v: False) -> str:
+    """Rows (label, metric, unit) x variants; each cell median [min-max], ``-`` where
+    ``blank(metric, variant)``."""
     out = ["| figure | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
     for label, metric, unit in rows:
-        cells = [fmt(results.get(metric, v)) for v in variants]
+        cells = ["-" if blank(metric, v) else fmt(results.get(metric, v)) for v in variants]
         if all(c == "-" for c in cells):
             continue
         out.append(f"| {label} ({unit}) | " + " | ".join(cells) + " |")
@@ -211,6 +224,19 @@ def _ratio_row(results: Results, label: str, metric: str, a: str, b: str) -> str
     if not values:
         return None
     return f"| {label} | {fmt(values)} |"
+
+
+#: The rows of part 1 that are the proxy process's CPU.
+_PROXY_CPU = {"ka_cpu_ms_per_1k", "ka_user_ms_per_1k", "ka_kernel_ms_per_1k", "close_cpu_ms_per_1k",
+              "close_user_ms_per_1k", "close_kernel_ms_per_1k", "bulk_cpu_s_per_gib"}
+
+
+def _idle_method(results: Results) -> str:
+    count = results.meta.get("options", {}).get("idle", "?")
+    if count == 0:
+        return "Idle RSS: not measured (--idle 0)."
+    return (f"Idle RSS: a fresh proxy each round, {count} connections opened and left idle "
+            "(all verified ESTABLISHED to the backend with `ss`), VmRSS after minus before.")
 
 
 def balancer_section(results: Results) -> list[str]:
@@ -241,11 +267,11 @@ def balancer_section(results: Results) -> list[str]:
         "",
         f"Backend: {results.meta.get('balancer_backend', '?')}. Each proxy is one process with "
         "one thread; CPU is the proxy process's user+system time from `/proc/<pid>/stat` over "
-        "the run. Idle RSS: a fresh proxy each round, "
-        f"{results.meta.get('options', {}).get('idle', '?')} connections opened and left idle "
-        "(all verified ESTABLISHED to the backend with `ss`), VmRSS after minus before.",
+        f"the run. {_idle_method(results)}",
         "",
-        _table(results, rows, variants, [names[v] for v in variants]),
+        # Direct has no proxy: the process measured there is nginx, whose row is below.
+        _table(results, rows, variants, [names[v] for v in variants],
+               blank=lambda metric, v: v == "direct" and metric in _PROXY_CPU),
         "",
         "Ratios, taken round by round (the two were measured side by side in each round):",
         "",
@@ -275,6 +301,11 @@ def balancer_section(results: Results) -> list[str]:
     return [*lines, ""]
 
 
+#: hey repeats one request: for these endpoints it is not what wrk's script sends.
+_HEY_LABELS = {"set": "POST /set_var (one existing key)",
+               "delete": "DELETE /delete_var (one missing key)"}
+
+
 def endpoints_section(results: Results, label: str, title: str) -> list[str]:
     from bench.run import ENDPOINT_LABELS
 
@@ -298,8 +329,9 @@ def endpoints_section(results: Results, label: str, title: str) -> list[str]:
             if metric not in results.values:
                 continue
             non = summarize(results.get(metric, "non2xx"))
+            shown = _HEY_LABELS.get(name, pretty) if tool == "hey" else pretty
             lines.append(
-                f"| {pretty} | {tool} | {fmt(results.get(metric, 'rps'))} | "
+                f"| {shown} | {tool} | {fmt(results.get(metric, 'rps'))} | "
                 f"{fmt(results.get(metric, 'p50'), spread=False)} | "
                 f"{fmt(results.get(metric, 'p90'), spread=False)} | "
                 f"{fmt(results.get(metric, 'p99'), spread=False)} | "
@@ -369,7 +401,8 @@ def cpu_split_section(results: Results) -> list[str]:
         "Where the CPU goes: CPU us per request (per transaction for pgbench), medians of the "
         "rounds, from /proc. Each process's user + system time; PostgreSQL is the postmaster "
         "and all its backends; *all* is what every core of the machine spent (user, system, "
-        "interrupts; not idle or steal), and *other* is *all* less the named parts: kernel "
+        "interrupts; not idle or steal), and *other* is *all* less the named parts (0 where "
+        "the parts' medians add up to more than *all*'s, each being a median of its own): kernel "
         "work no process is charged for, the bench itself, anything else running.",
         "",
         "| path | " + " | ".join(title for _, title in _CPU_COLUMNS)
@@ -386,6 +419,15 @@ def cpu_split_section(results: Results) -> list[str]:
     return [*lines, ""]
 
 
+#: How the rounds of a run were ordered, by ``meta["order"]`` (absent in runs before it was
+#: recorded, which rotated by one each round).
+ORDERS = {
+    "rotated": "A B A B, order rotated each round",
+    "reversed": "A B, then B A: each round the one before reversed, every second one moved on "
+                "by one",
+}
+
+
 def write(results: Results, path: Path, pngs: list[Path]) -> Path:
     meta = results.meta
     opts = meta.get("options", {})
@@ -393,7 +435,7 @@ def write(results: Results, path: Path, pngs: list[Path]) -> Path:
         f"# varstack benchmark, {meta.get('started', '?')}",
         "",
         f"`{meta.get('argv', 'python -m bench')}`: {opts.get('rounds')} interleaved rounds "
-        f"(A B A B, order rotated each round) of {opts.get('seconds', 0):g} s per run; "
+        f"({ORDERS[meta.get('order', 'rotated')]}) of {opts.get('seconds', 0):g} s per run; "
         f"{meta.get('duration_s', '?')} s in all. Every figure is the **median of the rounds "
         "[min-max]**; ratios are taken round by round, then the median. The machine is shared "
         "and noisy: compare ratios, not absolute numbers across runs.",
@@ -419,7 +461,9 @@ def write(results: Results, path: Path, pngs: list[Path]) -> Path:
     lines += endpoints_section(results, "target",
                                f"## The running stack at {meta.get('target', '?')}")
     lines += stack_section(results)
-    lines += ["## Commands", "", "One of each kind, as run (ports are free ones picked per run; "
+    ports = ("the target's own" if meta.get("target")
+             else "free ones picked per run")
+    lines += ["## Commands", "", f"One of each kind, as run (ports are {ports}; "
               "`BENCH_KEYS=10000` in the environment for the scripts):", "", "```sh"]
     for label, cmd in results.commands.items():
         lines.append(f"# {label}")

@@ -620,7 +620,9 @@ def target_problem(url: str, timeout: float = 5.0) -> str | None:
                 text = answer.read().decode("utf-8", "replace")
                 status = answer.status
         except urllib.error.HTTPError as exc:
-            text = exc.read().decode("utf-8", "replace").strip()[:200]
+            # One line of it: an HTML error page would fill the terminal.
+            text = " ".join(exc.read().decode("utf-8", "replace").split())
+            text = text if len(text) <= 80 else text[:77] + "..."
             status = exc.code
             if path == "/healthcheck":
                 return f"its /healthcheck answers {status}" + (f" ({text})" if text else "")
@@ -717,7 +719,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         sections = ("target",) if args.target else ("balancer", "service", "stack")
     bad = set(sections) - {"balancer", "service", "stack", "target"}
     if bad:
-        parser.error(f"unknown sections: {', '.join(sorted(bad))}")
+        parser.error(f"--sections: unknown {', '.join(repr(b) for b in sorted(bad))} (choose "
+                     "from balancer, service, stack, target)")
     if "target" in sections and not args.target:
         parser.error("the target section needs --target URL")
     if args.target and sections != ("target",):
@@ -857,6 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "quick": opts.quick, "sections": list(opts.sections),
                     "target": opts.target},
         "git": _git(),
+        "order": "reversed",  # how rotate() orders the rounds (the report says it)
         "argv": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
         "tool_notes": tools.notes,
     })

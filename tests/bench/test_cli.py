@@ -38,7 +38,8 @@ def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
         (("--seconds", "0"), "--seconds must be at least 1"),
         (("--seconds", "1.5"), "invalid int value: '1.5'"),
         (("--idle", "-1"), "--idle must be 0"),
-        (("--sections", "balancer,stak"), "unknown sections: stak"),
+        (("--sections", "balancer,stak"),
+         "--sections: unknown 'stak' (choose from balancer, service, stack, target)"),
         (("--sections", "target"), "the target section needs --target URL"),
         (("--target", "ftp://host"), "--target must be an http:// URL"),
         (("--target", "127.0.0.1:3000"), "--target must be an http:// URL"),
@@ -172,6 +173,20 @@ async def test_a_target_whose_database_is_down_is_named() -> None:
     async with answering(503, "database unavailable: ConnectionRefusedError") as url:
         problem = await asyncio.to_thread(run.target_problem, url)
     assert problem == "its /healthcheck answers 503 (database unavailable: ConnectionRefusedError)"
+
+
+async def test_a_target_answering_an_html_page_is_named_on_one_line() -> None:
+    page = ("<!DOCTYPE HTML>\n<html lang=\"en\">\n    <head>\n        <title>Error</title>\n"
+            "    </head>\n    <body>\n        <p>Error code: 404</p>\n" + "<p>x</p>\n" * 40
+            + "    </body>\n</html>\n")
+    async with answering(404, page) as url:
+        problem = await asyncio.to_thread(run.target_problem, url)
+    assert problem is not None
+    assert "\n" not in problem
+    assert problem.startswith("its /healthcheck answers 404 (<!DOCTYPE HTML> <html lang=\"en\"> "
+                              "<head> <title>Error</title>")
+    assert problem.endswith("...)")
+    assert len(problem) < 120
 
 
 def closed_port() -> int:
