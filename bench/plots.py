@@ -65,8 +65,11 @@ def balancer_plot(results: Results, path: Path, plt: Any) -> Path | None:
         for x, (_, _, target, sense) in zip(xs, bars, strict=True):
             if target is not None:
                 ax.plot([x - 0.38, x + 0.38], [target, target], color="black", lw=1.5, ls="--")
+                # On a white ground: the median's error bar crosses the label's place.
                 ax.annotate(f"target {sense} {target:g}", (x, target),
-                            textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+                            textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7,
+                            zorder=5, bbox={"boxstyle": "round,pad=0.15", "fc": "white",
+                                            "ec": "none", "alpha": 0.85})
         for x, m in zip(xs, meds, strict=True):
             ax.annotate(f"{m:.2f}", (x, m / 2), ha="center", fontsize=9, fontweight="bold",
                         color="white")
@@ -177,6 +180,11 @@ def latency_plot(results: Results, path: Path, plt: Any) -> Path | None:
         ax.bar(xs, meds, width, yerr=errs, capsize=2, color=colors[p], label=p)
     ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=8)
     ax.set_yscale("log")
+    # Plain numbers at 1, 2 and 5 of each decade (matplotlib mixes 10^1 with 6 x 10^0).
+    from matplotlib import ticker
+    ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_ylabel("latency, ms (log scale)")
     ax.set_title("Latency percentiles at 64 connections (wrk --latency): each endpoint on one "
                  "replica directly, and GET through 2 replicas", fontsize=9)
