@@ -123,9 +123,10 @@ TARGETS: tuple[Target, ...] = (
                "At this load the balancer wakes about once per request, where against nginx at "
                "wrk -c64 a wakeup finds a dozen ready sockets: perf's tracepoints counted, per "
                "request, about one context switch and 6.1-6.7 system calls for ours (its own "
-               "epoll set's wait included) against 6.9-7.3 for HAProxy, with kernel times alike. "
-               "What the interpreter spends per wakeup is then spent per request: the user time "
-               "above. On the 2-core machine the targets were set on, both cores are saturated, "
+               "epoll set's wait included) against 6.9-7.3 for HAProxy. What the interpreter "
+               "spends per wakeup is then spent per request: the user time above; the rest, the "
+               "kernel's, moves from run to run by as much. On the 2-core machine the targets "
+               "were set on, both cores are saturated, "
                "so each CPU us the balancer spends is taken from the replicas; the replicas' own "
                "CPU per request also moves by several per cent from run to run, and the spread "
                "of the rounds is as wide as the gap.")),
@@ -147,8 +148,11 @@ def _stack_cpu_why(r: Results) -> str:
     if ours is None or haproxy is None or rps[0] is None or rps[1] is None:
         return ""
     users = [summarize(r.get("stack_cpu_us_balancer_user", v)) for v in ("ours-2", "haproxy-2")]
-    user = (f" ({fmt_num(users[0].median)} and {fmt_num(users[1].median)} of it user time)"
-            if users[0] is not None and users[1] is not None else "")
+    user = ""
+    if users[0] is not None and users[1] is not None:
+        user = (f" ({fmt_num(users[0].median)} and {fmt_num(users[1].median)} of it user time, "
+                f"{fmt_num(ours['balancer'] - users[0].median)} and "
+                f"{fmt_num(haproxy['balancer'] - users[1].median)} the rest)")
     return (
         f"In this run, per request, our balancer spent {fmt_num(ours['balancer'])} CPU us and "
         f"HAProxy {fmt_num(haproxy['balancer'])}{user}, the machine as a whole "
