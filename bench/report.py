@@ -200,6 +200,11 @@ def targets_table(results: Results) -> str:
     rows = ["| figure | target | measured: median [min-max of rounds] | prototype | verdict |",
             "|---|---|---|---|---|"]
     verdicts = [(t, t.verdict(results)) for t in TARGETS]
+    if all(said == "not measured" for _, said in verdicts):
+        # A --target run, or sections that measure none of them: eight empty rows say nothing.
+        return ("No target is measured by this run's sections "
+                f"({', '.join(results.meta.get('options', {}).get('sections', [])) or '?'}); "
+                "the targets need the balancer, service and stack sections.")
     for t, said in verdicts:
         rows.append(f"| {t.figure} | {t.goal} | {fmt(t.values(results))} | {t.prototype} | "
                     f"{said} |")

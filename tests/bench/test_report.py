@@ -115,3 +115,13 @@ def test_hey_rows_say_which_one_request_hey_repeats() -> None:
     assert "| POST /set_var (new keys) | wrk |" in section
     assert "| POST /set_var (one existing key) | hey |" in section
     assert "| DELETE /delete_var (one missing key) | hey |" in section
+
+
+def test_a_run_that_measures_no_target_says_so_instead_of_eight_empty_rows() -> None:
+    results = Results(meta={"options": {"sections": ["target"]}})
+    results.add("target_wrk_get_query", "rps", 1000)
+    table = report.targets_table(results)
+    assert table == ("No target is measured by this run's sections (target); the targets need "
+                     "the balancer, service and stack sections.")
+    assert "not measured" in report.targets_table(keep_alive_run(
+        ours=([2.0] * 3, [14.0] * 3), haproxy=([1.5] * 3, [14.0] * 3)))  # some are measured
