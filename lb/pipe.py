@@ -286,7 +286,11 @@ def _socket_error(sock: _socket.socket) -> OSError:
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     except OSError as exc:
         return exc
-    code = code or errno.ECONNRESET
+    return _os_error(code or errno.ECONNRESET)
+
+
+def _os_error(code: int) -> OSError:
+    """The OSError of an errno a system call returned instead of raising."""
     return OSError(code, os.strerror(code))
 
 
@@ -484,9 +488,9 @@ class Pipe:
                 return
             sock.close()
             if code in OUT_OF_RESOURCES or code == errno.EADDRNOTAVAIL:  # ours, not the backend's
-                relay.log_local_error(backend.address, OSError(code, os.strerror(code)))
+                relay.log_local_error(backend.address, _os_error(code))
                 break
-            pool.connect_failed(backend, describe_error(OSError(code, os.strerror(code))))
+            pool.connect_failed(backend, describe_error(_os_error(code)))
         if not self._closing:
             self._abort("no backend accepted" if tried else "no backends", reset=False)
 
@@ -504,10 +508,7 @@ class Pipe:
         if code == 0:
             self._attached(side)
             return
-        self._drop_connect(side)
-        assert self.backend is not None
-        backend, self.backend = self.backend, None
-        self.relay.pool.connect_failed(backend, describe_error(OSError(code, os.strerror(code))))
+        self.relay.pool.connect_failed(self._drop_connect(side), describe_error(_os_error(code)))
         self._connect_next()
 
     def _timed_out(self) -> None:
@@ -515,20 +516,21 @@ class Pipe:
         side = self.upstream
         if side is None or not side.connecting or self._closing:
             return
-        self._drop_connect(side)
-        assert self.backend is not None
-        backend, self.backend = self.backend, None
-        self.relay.pool.connect_failed(backend, "timeout")
+        self.relay.pool.connect_failed(self._drop_connect(side), "timeout")
         if self._timeouts_left == 0:
             self._abort("no backend accepted", reset=False)
             return
         self._timeouts_left -= 1
         self._connect_next()
 
-    def _drop_connect(self, side: Side) -> None:
+    def _drop_connect(self, side: Side) -> Backend:
+        """Give up the connect of ``side``; the backend it was to."""
         side.connecting = False
         side.close()
         self.upstream = None
+        backend, self.backend = self.backend, None
+        assert backend is not None
+        return backend
 
     def _cancel_expiry(self) -> None:
         if self._expiry is not None:
@@ -743,7 +745,6 @@ class Pipe:
         upstream = self.upstream
         if upstream is not None and upstream.connecting:
             self._drop_connect(upstream)
-            self.backend = None
         return True
 
     def shutdown(self, why: str) -> None:
