@@ -71,7 +71,9 @@ class Reactor:
 
     Sockets closed while a batch of events is handled are closed when the batch ends: until
     then their descriptor numbers cannot be reused, so an event of the batch never reaches a
-    socket made after it.
+    socket made after it. The other descriptors' callbacks (the listener's accept) run after
+    those closes: the connections that ended in the batch have given their descriptors back
+    by then, so the cap, counted in connections, is also a bound on descriptors.
     """
 
     __slots__ = ("_deferred", "_in_batch", "buffer", "epoll", "loop", "others", "sides", "view")
@@ -125,15 +127,14 @@ class Reactor:
         sides = self.sides
         buffer = self.buffer
         view = self.view
+        others: list[tuple[int, int]] = []
         self._in_batch = True
         try:
             for fd, events in self.epoll.poll(0, _MAX_EVENTS):
                 side = sides.get(fd)
                 try:
                     if side is None:
-                        callback = self.others.get(fd)
-                        if callback is not None:
-                            callback(events)
+                        others.append((fd, events))
                         continue
                     # A side can stop reading earlier in the same batch (its backend reset it,
                     # and it waits for the next one): its readiness is then no order to read.
@@ -173,6 +174,14 @@ class Reactor:
                 for sock in deferred:
                     with contextlib.suppress(OSError):
                         sock.close()
+        for fd, events in others:
+            # Looked up now: a callback of this batch may have taken another off the set.
+            callback = self.others.get(fd)
+            if callback is not None:
+                try:
+                    callback(events)
+                except Exception:  # as above: the connections go on
+                    log.exception("internal error on descriptor %d", fd)
 
 
 class Side:

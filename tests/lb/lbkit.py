@@ -355,6 +355,22 @@ async def close(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def connections(
+    port: int, count: int
+) -> AsyncIterator[list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+    """``count`` clients, connected one after another; whatever the block left open is
+    aborted on the way out, so a failed test leaves no transport for a later test's loop."""
+    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(count):
+            opened.append(await connect(port))
+        yield opened
+    finally:
+        for _, writer in opened:
+            writer.transport.abort()
+
+
 async def http_get(
     port: int, path: str = "/", *, timeout: float = 5.0
 ) -> tuple[int, dict[str, str], bytes]:
@@ -557,6 +573,9 @@ class LbProcess:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.kill()
+        if exc is not None and self.lines:
+            # A failure inside the block is read beside what the balancer logged meanwhile.
+            exc.add_note("the balancer's output:\n" + self.output())
 
     def output(self) -> str:
         return "\n".join(self.lines)

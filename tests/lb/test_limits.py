@@ -22,6 +22,7 @@ from tests.lb.lbkit import (
     SourceBackend,
     close,
     connect,
+    connections,
     eventually,
     exchange,
     how_it_ends,
@@ -29,6 +30,7 @@ from tests.lb.lbkit import (
     loop_name,
     pattern,
     read_to_end,
+    reset,
     running_lb,
 )
 
@@ -422,15 +424,15 @@ async def test_a_descriptor_limit_lowers_the_cap_and_waiting_clients_are_served_
                "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
         async with LbProcess(env, nofile=64) as lb:
             assert "serving at most 16 connections at once" in lb.output()
-            clients = [await connect(lb.port) for _ in range(40)]
-            for _, writer in clients:
-                writer.write(b"ping")
-            # In waves of the cap: each wave is served while the rest wait, none is dropped.
-            for wave in range(0, 40, 16):
-                for reader, _ in clients[wave:wave + 16]:
-                    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
-                for _, writer in clients[wave:wave + 16]:
-                    await close(writer)
+            async with connections(lb.port, 40) as clients:
+                for _, writer in clients:
+                    writer.write(b"ping")
+                # In waves of the cap: each wave is served while the rest wait, none is dropped.
+                for wave in range(0, 40, 16):
+                    for reader, _ in clients[wave:wave + 16]:
+                        assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                    for _, writer in clients[wave:wave + 16]:
+                        await close(writer)
             lb.signal(signal.SIGTERM)
             assert await lb.wait() == 0
         assert "no backend accepted" not in lb.output()
@@ -445,27 +447,28 @@ async def _served_in_waves(env: dict[str, str], *, nofile: int | None, cap: int,
         # Stopped, the balancer accepts nothing: every connect completes in the kernel
         # backlog, and its first accept step finds them all there at once.
         lb.signal(signal.SIGSTOP)
-        try:
-            conns = [await connect(lb.port) for _ in range(clients)]
-            for _, writer in conns:
-                writer.write(b"ping")
-        finally:
-            lb.signal(signal.SIGCONT)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                conns = await stack.enter_async_context(connections(lb.port, clients))
+                for _, writer in conns:
+                    writer.write(b"ping")
+            finally:
+                lb.signal(signal.SIGCONT)
 
-        def held() -> int:
-            return sum(1 for c in process.net_connections("tcp")
-                       if c.laddr.port == lb.port and c.status == psutil.CONN_ESTABLISHED)
+            def held() -> int:
+                return sum(1 for c in process.net_connections("tcp")
+                           if c.laddr.port == lb.port and c.status == psutil.CONN_ESTABLISHED)
 
-        for wave in range(0, clients, cap):
-            served = conns[wave:wave + cap]
-            for reader, _ in served:
-                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
-            # Exactly this wave holds the slots; the rest are not even accepted.
-            if conns[wave + cap:]:
-                await asyncio.sleep(0.3)
-                assert held() == len(served)
-            for _, writer in served:
-                await close(writer)
+            for wave in range(0, clients, cap):
+                served = conns[wave:wave + cap]
+                for reader, _ in served:
+                    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                # Exactly this wave holds the slots; the rest are not even accepted.
+                if conns[wave + cap:]:
+                    await asyncio.sleep(0.3)
+                    assert held() == len(served)
+                for _, writer in served:
+                    await close(writer)
         lb.signal(signal.SIGTERM)
         assert await lb.wait() == 0
     return lb
@@ -495,6 +498,54 @@ async def test_a_burst_past_a_cap_lowered_to_the_descriptor_limit_drops_no_clien
     assert "serving at most 16 connections at once" in lb.output()
     assert "no backend accepted" not in lb.output()
     assert "accept() failed" not in lb.output()
+
+
+async def test_connections_ended_in_the_accepting_wakeup_free_their_descriptors_first() -> None:
+    """Under ``ulimit -n 64`` (a cap of 16), 15 connections reset and 20 new clients waiting,
+    all seen in one wakeup: the ended connections' sockets are closed at the end of the batch
+    that saw them end, and the accept of that same batch took their slots before, needing 30
+    descriptors more than the limit held (EMFILE at accept or at the backend's connect)."""
+    async with EchoBackend() as echo:
+        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
+               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "60",
+               "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
+        async with LbProcess(env, nofile=64) as lb:
+            assert "serving at most 16 connections at once" in lb.output()
+            process = psutil.Process(lb.pid)
+
+            def held() -> int:
+                return sum(1 for c in process.net_connections("tcp")
+                           if c.laddr.port == lb.port and c.status == psutil.CONN_ESTABLISHED)
+
+            async with connections(lb.port, 16) as first:
+                for reader, writer in first:
+                    writer.write(b"ping")
+                    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                # One ends: once both its sockets are closed (the listener and 15 connections'
+                # two each are left), the balancer listens again, with nobody waiting yet.
+                await close(first[0][1])
+                await eventually(lambda: len(process.net_connections("tcp")) == 1 + 2 * 15)
+                lb.signal(signal.SIGSTOP)
+                try:
+                    for _, writer in first[1:]:
+                        reset(writer)
+                    await eventually(lambda: held() == 0)
+                    # Their resets are ahead of the listener in the ready list: one batch.
+                    async with connections(lb.port, 20) as second:
+                        for _, writer in second:
+                            writer.write(b"ping")
+                        lb.signal(signal.SIGCONT)
+                        for wave in (second[:16], second[16:]):
+                            for reader, _ in wave:
+                                assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                            for _, writer in wave:
+                                await close(writer)
+                finally:
+                    lb.signal(signal.SIGCONT)
+            lb.signal(signal.SIGTERM)
+            assert await lb.wait() == 0
+    assert "Too many open files" not in lb.output()
+    assert "no backend accepted" not in lb.output()
 
 
 def test_an_accept_retry_for_a_listener_closed_meanwhile_is_dropped() -> None:
