@@ -190,7 +190,8 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily("lb_connections_active", "client connections holding a slot",
                                 value=totals["active_connections"])
         yield GaugeMetricFamily("lb_connections_waiting",
-                                "accepted client connections waiting for a slot",
+                                "clients connected but not accepted yet: the cap is reached, "
+                                "they wait in the listening socket's backlog",
                                 value=totals["waiting_connections"])
         yield GaugeMetricFamily("lb_connections_max", "LB_MAX_CONNECTIONS",
                                 value=totals["max_connections"])

@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import select
 import socket
-from collections import deque
+import struct
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
@@ -49,6 +49,10 @@ LAST_LOOK: Final = 0.1
 ACCEPT_BATCH: Final = 64
 #: Seconds accepting pauses when this process is out of descriptors or memory.
 ACCEPT_RETRY_DELAY: Final = 1.0
+#: struct tcp_info: ``tcpi_unacked``, a u32 at byte 24 (after eight u8 and four u32 fields).
+_TCP_INFO_UNACKED: Final = struct.Struct("=I")
+_TCP_INFO_UNACKED_AT: Final = 24
+_TCP_INFO_LENGTH: Final = _TCP_INFO_UNACKED_AT + _TCP_INFO_UNACKED.size
 
 
 class Server:
@@ -57,10 +61,10 @@ class Server:
     def __init__(self, config: Config, *, resolver: Resolver | None = None) -> None:
         self.config = config
         self.pool = BackendPool(rise=config.check_rise, fall=config.check_fall)
-        #: Connections that hold a slot (connecting or piping), and those waiting for one.
+        #: Connections that hold a slot (connecting or piping); past the cap, clients wait in
+        #: the kernel backlog, not accepted (:meth:`waiting`).
         #: A dict used as a set: about 30 bytes per entry where a set takes 100 at 5,000.
         self.pipes: dict[Pipe, None] = {}
-        self.waiting: deque[Pipe] = deque()
         self.accepted_total = 0
         self.finished_total = 0
         self.closed_bytes_to_backend = 0
@@ -209,15 +213,12 @@ class Server:
                 self._accept_retry.cancel()
             if self._sock is not None:
                 self._sock.close()
-            # 2. Clients accepted beyond the cap never got a backend: nothing to finish.
-            while self.waiting:
-                self.waiting.popleft().shutdown("stopping before a slot was free")
-            # 3. The drain: open connections finish on their own until the deadline...
+            # 2. The drain: open connections finish on their own until the deadline...
             if self.pipes:
                 log.info("draining %d connections (up to %.1f s)", len(self.pipes), deadline)
                 self._idle.clear()
                 await self._wait_idle(deadline)
-            # 4. ...then the rest are closed.
+            # 3. ...then the rest are closed.
             if self.pipes:
                 forced = self._force.is_set()
                 if not forced:
@@ -237,7 +238,7 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(2.0):
                         await self._wait_idle(None)
-            # 5. The helpers.
+            # 4. The helpers.
             if self._relay is not None:
                 self._relay.close()
             self._accept_errors.close()
@@ -281,7 +282,7 @@ class Server:
         """How many more clients may be accepted now: the rest wait in the kernel backlog."""
         if self._stopping:
             return 0
-        return self.config.max_connections - len(self.pipes) - len(self.waiting)
+        return self.config.max_connections - len(self.pipes)
 
     def _accept(self, _events: int) -> None:
         relay, sock = self._relay, self._sock
@@ -305,8 +306,9 @@ class Server:
             except OSError as exc:
                 self._accept_errors.log("cannot set up an accepted client: %s", exc)
                 continue
-            if self._admit(pipe):
-                pipe.start()
+            self.accepted_total += 1
+            self.pipes[pipe] = None
+            pipe.start()
         if self._room() <= 0:
             self._set_accepting(False)
 
@@ -320,37 +322,15 @@ class Server:
         self._accept_retry = None
         self._set_accepting(self._accept_wanted)
 
-    def _admit(self, pipe: Pipe) -> bool:
-        self.accepted_total += 1
-        if self._stopping:
-            self.waiting.append(pipe)
-            pipe.shutdown("stopping")
-            return False
-        if len(self.pipes) < self.config.max_connections and not self.waiting:
-            self.pipes[pipe] = None
-            return True
-        # Accepted in the same batch as the one that reached the cap: it waits for a slot.
-        self.waiting.append(pipe)
-        self._set_accepting(False)
-        return False
-
     def _finish(self, pipe: Pipe) -> None:
         self.finished_total += 1
         self.closed_bytes_to_backend += pipe.bytes_to_backend
         self.closed_bytes_to_client += pipe.bytes_to_client
-        if pipe in self.pipes:
-            del self.pipes[pipe]
-        else:
-            with contextlib.suppress(ValueError):
-                self.waiting.remove(pipe)
-        limit = self.config.max_connections
-        while self.waiting and len(self.pipes) < limit and not self._stopping:
-            waiting = self.waiting.popleft()
-            self.pipes[waiting] = None
-            waiting.start()
+        self.pipes.pop(pipe, None)
         if not self.pipes:
             self._idle.set()
-        if not self._accepting and not self._stopping and len(self.pipes) < limit:
+        if (not self._accepting and not self._stopping
+                and len(self.pipes) < self.config.max_connections):
             self._set_accepting(True)
 
     def _set_accepting(self, wanted: bool) -> None:
@@ -368,6 +348,19 @@ class Server:
         self._relay.reactor.watch(self._sock.fileno(), select.EPOLLIN if on else 0, self._accept)
 
     # --- numbers ------------------------------------------------------------------------------
+
+    def waiting(self) -> int:
+        """Clients whose handshake is done, waiting in the listener's backlog to be accepted
+        (the cap reached, or accepting paused); for a listening socket the kernel's TCP_INFO
+        gives its accept queue's length as ``tcpi_unacked``."""
+        sock = self._sock
+        if sock is None or sock.fileno() < 0:
+            return 0
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
+        except OSError:
+            return 0
+        return int(_TCP_INFO_UNACKED.unpack_from(info, _TCP_INFO_UNACKED_AT)[0])
 
     def stats(self) -> dict[str, Any]:
         """Per backend and in total: state, connections, failed connects, bytes, last check."""
@@ -401,7 +394,7 @@ class Server:
                 "backends_up": pool.up_count,
                 "backends_expected": self.config.server_count,
                 "active_connections": len(self.pipes),
-                "waiting_connections": len(self.waiting),
+                "waiting_connections": self.waiting(),
                 "max_connections": self.config.max_connections,
                 "accepted_connections": self.accepted_total,
                 "finished_connections": self.finished_total,

@@ -16,6 +16,9 @@ from lb.admin import Admin
 from tests.lb.lbkit import (
     HOST,
     EchoBackend,
+    close,
+    connect,
+    connections,
     eventually,
     exchange,
     http_get,
@@ -86,8 +89,6 @@ async def test_stats_metrics_and_page() -> None:
 
 
 async def test_live_connection_counts_show_in_stats() -> None:
-    from tests.lb.lbkit import close, connect
-
     async with EchoBackend() as echo, running_lb(lb_config(echo.address)) as lb:
         reader, writer = await connect(lb.port)
         writer.write(b"12345")
@@ -99,6 +100,40 @@ async def test_live_connection_counts_show_in_stats() -> None:
         await close(writer)
         await eventually(lambda: lb.stats()["backends"][0]["active_connections"] == 0)
         assert lb.stats()["backends"][0]["bytes_to_backend"] == 5
+
+
+async def test_clients_past_the_cap_show_as_waiting() -> None:
+    """They wait in the listener's backlog, not accepted: the kernel's count of that queue is
+    what /stats and /metrics give (a queue of accepted clients, as before, was always empty)."""
+    async with EchoBackend() as echo, running_lb(
+        lb_config(echo.address, max_connections=2)
+    ) as lb:
+        admin = Admin(lb)
+        await admin.start(HOST, 0)
+        try:
+            async with connections(lb.port, 5) as clients:
+                for reader, writer in clients[:2]:
+                    writer.write(b"in")
+                    assert await reader.readexactly(2) == b"in"
+                # A connect returns once the kernel holds the connection: the backlog has 3.
+                stats = lb.stats()["totals"]
+                assert (stats["active_connections"], stats["waiting_connections"]) == (2, 3)
+                _, _, body = await http_get(admin.port, "/metrics")
+                samples = {s.name: s.value for family in
+                           text_string_to_metric_families(body.decode()) for s in family.samples}
+                assert samples["lb_connections_waiting"] == 3
+                assert samples["lb_connections_active"] == 2
+                _, _, page = await http_get(admin.port, "/")
+                assert "2 connections open of 2,\n3 waiting" in page.decode()
+
+                await close(clients[0][1])
+                await eventually(lambda: lb.stats()["totals"]["waiting_connections"] == 2)
+                for _, writer in clients[1:]:
+                    await close(writer)
+                await eventually(lambda: not lb.pipes)
+            assert lb.stats()["totals"]["waiting_connections"] == 0
+        finally:
+            await admin.stop()
 
 
 async def test_admin_listener_started_by_the_server() -> None:
