@@ -211,7 +211,12 @@ def targets_table(results: Results) -> str:
     missed = [t for t, said in verdicts if said.startswith("missed")]
     if missed:
         rows += ["", "Why the missed ones fall short (from profiles taken on this machine):", ""]
-        rows += [f"- **{t.figure}**: {t.explain(results)}" for t in missed]
+        said_for: dict[str, str] = {}  # one reason for two figures is written out once
+        for t in missed:
+            reason = t.explain(results)
+            first = said_for.setdefault(reason, t.figure)
+            rows.append(f"- **{t.figure}**: " + (
+                reason if first == t.figure else f"the same reason as for *{first}*, above."))
     return "\n".join(rows)
 
 

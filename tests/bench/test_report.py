@@ -73,6 +73,16 @@ def test_the_keep_alive_reason_says_where_this_run_s_difference_lies() -> None:
     assert "the kernel time is the same" not in why
 
 
+def test_a_reason_two_missed_figures_share_is_written_out_once() -> None:
+    # Keep-alive req/s and its CPU both missed: one reason, given under the first.
+    results = keep_alive_run(ours=([2.0] * 3, [14.0] * 3), haproxy=([1.5] * 3, [14.0] * 3))
+    reasons = report.targets_table(results).split("Why the missed ones fall short")[1]
+    keep_alive, cpu = (line for line in reasons.splitlines() if line.startswith("- **"))
+    assert keep_alive.startswith("- **balancer keep-alive req/s ÷ HAProxy's**: In this run")
+    assert cpu == ("- **balancer CPU per 1,000 keep-alive requests ÷ HAProxy's**: the same reason "
+                   "as for *balancer keep-alive req/s ÷ HAProxy's*, above.")
+
+
 def test_a_run_with_idle_zero_says_the_figure_was_not_measured() -> None:
     results = keep_alive_run(ours=([2.0] * 3, [14.0] * 3), haproxy=([1.5] * 3, [14.0] * 3))
     part1 = "\n".join(report.balancer_section(results))
