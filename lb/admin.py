@@ -190,8 +190,9 @@ class _StatsCollector(Collector):
         yield GaugeMetricFamily("lb_connections_active", "client connections holding a slot",
                                 value=totals["active_connections"])
         yield GaugeMetricFamily("lb_connections_waiting",
-                                "clients connected but not accepted yet: the cap is reached, "
-                                "they wait in the listening socket's backlog",
+                                "clients connected but not accepted yet, in the listening "
+                                "socket's backlog (the cap reached, accepting paused, or "
+                                "the next wakeup to come)",
                                 value=totals["waiting_connections"])
         yield GaugeMetricFamily("lb_connections_max", "LB_MAX_CONNECTIONS",
                                 value=totals["max_connections"])

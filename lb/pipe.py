@@ -73,7 +73,8 @@ class Reactor:
     then their descriptor numbers cannot be reused, so an event of the batch never reaches a
     socket made after it. The other descriptors' callbacks (the listener's accept) run after
     those closes: the connections that ended in the batch have given their descriptors back
-    by then, so the cap, counted in connections, is also a bound on descriptors.
+    by then, so the cap, counted in connections, bounds the descriptors too (but for a
+    moment's third one, while a pipe moves on from a backend that failed its connect).
     """
 
     __slots__ = ("_deferred", "_in_batch", "buffer", "epoll", "loop", "others", "sides", "view")
@@ -127,13 +128,15 @@ class Reactor:
         sides = self.sides
         buffer = self.buffer
         view = self.view
-        others: list[tuple[int, int]] = []
+        others: list[tuple[int, int]] | None = None
         self._in_batch = True
         try:
             for fd, events in self.epoll.poll(0, _MAX_EVENTS):
                 side = sides.get(fd)
                 try:
                     if side is None:
+                        if others is None:
+                            others = []
                         others.append((fd, events))
                         continue
                     # A side can stop reading earlier in the same batch (its backend reset it,
@@ -174,7 +177,7 @@ class Reactor:
                 for sock in deferred:
                     with contextlib.suppress(OSError):
                         sock.close()
-        for fd, events in others:
+        for fd, events in others or ():
             # Looked up now: a callback of this batch may have taken another off the set.
             callback = self.others.get(fd)
             if callback is not None:

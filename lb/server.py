@@ -351,8 +351,9 @@ class Server:
 
     def waiting(self) -> int:
         """Clients whose handshake is done, waiting in the listener's backlog to be accepted
-        (the cap reached, or accepting paused); for a listening socket the kernel's TCP_INFO
-        gives its accept queue's length as ``tcpi_unacked``."""
+        (the cap reached, accepting paused, or the next wakeup to come; one that left while
+        queued counts until accepted); for a listening socket the kernel's TCP_INFO gives its
+        accept queue's length as ``tcpi_unacked``."""
         sock = self._sock
         if sock is None or sock.fileno() < 0:
             return 0

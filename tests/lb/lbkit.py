@@ -572,10 +572,12 @@ class LbProcess:
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self.kill()
-        if exc is not None and self.lines:
-            # A failure inside the block is read beside what the balancer logged meanwhile.
-            exc.add_note("the balancer's output:\n" + self.output())
+        try:
+            await self.kill()
+        finally:
+            if exc is not None and self.lines:
+                # A failure inside the block is read beside what the balancer logged meanwhile.
+                exc.add_note("the balancer's output:\n" + self.output())
 
     def output(self) -> str:
         return "\n".join(self.lines)

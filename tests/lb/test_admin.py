@@ -130,8 +130,8 @@ async def test_clients_past_the_cap_show_as_waiting() -> None:
                 await eventually(lambda: lb.stats()["totals"]["waiting_connections"] == 2)
                 for _, writer in clients[1:]:
                     await close(writer)
-                await eventually(lambda: not lb.pipes)
-            assert lb.stats()["totals"]["waiting_connections"] == 0
+                # The last slots may free in the wakeup before the one that accepts the rest.
+                await eventually(lambda: not lb.pipes and lb.waiting() == 0)
         finally:
             await admin.stop()
 

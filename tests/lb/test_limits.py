@@ -527,6 +527,8 @@ async def test_connections_ended_in_the_accepting_wakeup_free_their_descriptors_
                 await eventually(lambda: len(process.net_connections("tcp")) == 1 + 2 * 15)
                 lb.signal(signal.SIGSTOP)
                 try:
+                    # Stopped before the resets, or it might take some of them on its own.
+                    await eventually(lambda: process.status() == psutil.STATUS_STOPPED)
                     for _, writer in first[1:]:
                         reset(writer)
                     await eventually(lambda: held() == 0)
