@@ -375,13 +375,25 @@ async def test_out_of_descriptors_at_accept_neither_kills_nor_spins() -> None:
             in lb.output()
 
 
+def _process_env(echo: EchoBackend, **settings: str) -> dict[str, str]:
+    """The balancer as a process in front of ``echo``: a TCP check once a minute, a cap of
+    1000, no admin listener; ``settings`` (by their LB_* names) on top."""
+    return {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": echo.label,
+            "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "60",
+            "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name(), **settings}
+
+
+def _held(process: psutil.Process, port: int) -> int:
+    """The clients the balancer holds: its established connections on its listening port."""
+    return sum(1 for c in process.net_connections("tcp")
+               if c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
 async def test_health_checks_the_balancer_cannot_make_judge_no_backend() -> None:
     """Out of descriptors itself, the balancer cannot open a check's socket: that says
     nothing of the backend, which must not be taken down for it."""
     async with EchoBackend() as echo:
-        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
-               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "0.05",
-               "LB_CHECK_FALL": "2", "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
+        env = _process_env(echo, LB_CHECK_INTERVAL="0.05", LB_CHECK_FALL="2")
         async with LbProcess(env) as lb:
             process = psutil.Process(lb.pid)
             limits = process.rlimit(psutil.RLIMIT_NOFILE)
@@ -419,9 +431,7 @@ async def test_a_descriptor_limit_lowers_the_cap_and_waiting_clients_are_served_
     it wait in the backlog and are served as others leave, instead of being accepted and then
     dropped for want of a descriptor to reach a backend with."""
     async with EchoBackend() as echo:
-        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
-               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "60",
-               "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
+        env = _process_env(echo)
         async with LbProcess(env, nofile=64) as lb:
             assert "serving at most 16 connections at once" in lb.output()
             async with connections(lb.port, 40) as clients:
@@ -455,10 +465,6 @@ async def _served_in_waves(env: dict[str, str], *, nofile: int | None, cap: int,
             finally:
                 lb.signal(signal.SIGCONT)
 
-            def held() -> int:
-                return sum(1 for c in process.net_connections("tcp")
-                           if c.laddr.port == lb.port and c.status == psutil.CONN_ESTABLISHED)
-
             for wave in range(0, clients, cap):
                 served = conns[wave:wave + cap]
                 for reader, _ in served:
@@ -466,7 +472,7 @@ async def _served_in_waves(env: dict[str, str], *, nofile: int | None, cap: int,
                 # Exactly this wave holds the slots; the rest are not even accepted.
                 if conns[wave + cap:]:
                     await asyncio.sleep(0.3)
-                    assert held() == len(served)
+                    assert _held(process, lb.port) == len(served)
                 for _, writer in served:
                     await close(writer)
         lb.signal(signal.SIGTERM)
@@ -479,9 +485,7 @@ async def test_a_burst_past_the_cap_waits_in_the_backlog_and_is_served_as_slots_
     learnt that the cap was reached: the clients past it were held open, accepted, instead of
     waiting in the backlog as under uvloop."""
     async with EchoBackend() as echo:
-        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
-               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "60",
-               "LB_MAX_CONNECTIONS": "4", "LB_LOOP": loop_name()}
+        env = _process_env(echo, LB_MAX_CONNECTIONS="4")
         lb = await _served_in_waves(env, nofile=None, cap=4, clients=12)
     assert "no backend accepted" not in lb.output()
 
@@ -491,9 +495,7 @@ async def test_a_burst_past_a_cap_lowered_to_the_descriptor_limit_drops_no_clien
     the cap took the descriptors the served ones needed to reach a backend, and were dropped
     (``no backend accepted``) or met EMFILE at accept."""
     async with EchoBackend() as echo:
-        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
-               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "60",
-               "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
+        env = _process_env(echo)
         lb = await _served_in_waves(env, nofile=64, cap=16, clients=48)
     assert "serving at most 16 connections at once" in lb.output()
     assert "no backend accepted" not in lb.output()
@@ -506,16 +508,10 @@ async def test_connections_ended_in_the_accepting_wakeup_free_their_descriptors_
     that saw them end, and the accept of that same batch took their slots before, needing 30
     descriptors more than the limit held (EMFILE at accept or at the backend's connect)."""
     async with EchoBackend() as echo:
-        env = {"LB_HOST": "127.0.0.1", "LB_PORT": "0", "LB_BACKENDS": f"127.0.0.1:{echo.port}",
-               "LB_ADMIN_PORT": "0", "LB_CHECK_MODE": "tcp", "LB_CHECK_INTERVAL": "60",
-               "LB_MAX_CONNECTIONS": "1000", "LB_LOOP": loop_name()}
+        env = _process_env(echo)
         async with LbProcess(env, nofile=64) as lb:
             assert "serving at most 16 connections at once" in lb.output()
             process = psutil.Process(lb.pid)
-
-            def held() -> int:
-                return sum(1 for c in process.net_connections("tcp")
-                           if c.laddr.port == lb.port and c.status == psutil.CONN_ESTABLISHED)
 
             async with connections(lb.port, 16) as first:
                 for reader, writer in first:
@@ -531,7 +527,7 @@ async def test_connections_ended_in_the_accepting_wakeup_free_their_descriptors_
                     await eventually(lambda: process.status() == psutil.STATUS_STOPPED)
                     for _, writer in first[1:]:
                         reset(writer)
-                    await eventually(lambda: held() == 0)
+                    await eventually(lambda: _held(process, lb.port) == 0)
                     # Their resets are ahead of the listener in the ready list: one batch.
                     async with connections(lb.port, 20) as second:
                         for _, writer in second:
