@@ -324,6 +324,7 @@ class Relay:
         "local_errors",
         "loop",
         "on_finish",
+        "on_shortage",
         "pool",
         "reactor",
     )
@@ -334,6 +335,7 @@ class Relay:
         *,
         loop: asyncio.AbstractEventLoop,
         on_finish: Callable[[Pipe], None],
+        on_shortage: Callable[[], None] | None = None,
         connect_timeout: float = 3.0,
         connect_retries: int = 3,
         idle_timeout: float = 300.0,
@@ -344,6 +346,9 @@ class Relay:
         self.loop = loop
         #: Called once when both sockets are closed and the connect step is over.
         self.on_finish = on_finish
+        #: Called when a socket to a backend cannot be made for want of descriptors or memory:
+        #: the next client accepted would meet the same shortage.
+        self.on_shortage = on_shortage
         self.connect_timeout = connect_timeout
         self.connect_retries = connect_retries
         self.buffer_size = buffer_size
@@ -369,8 +374,15 @@ class Relay:
         self.reactor.close()
 
     def log_local_error(self, address: str, exc: OSError) -> None:
-        """Out of descriptors or memory hits every client at once: one line per interval."""
+        """Out of descriptors, memory or local ports hits every client at once: one line per
+        interval."""
         self.local_errors.log("cannot connect to %s: %s", address, exc)
+
+    def shortage(self, address: str, exc: OSError) -> None:
+        """No descriptor or memory for a socket to a backend: logged, and the server told."""
+        self.log_local_error(address, exc)
+        if self.on_shortage is not None:
+            self.on_shortage()
 
 
 class Pipe:
@@ -474,7 +486,7 @@ class Pipe:
                     socket.AF_INET6 if ":" in backend.host else socket.AF_INET, _STREAM_NONBLOCK)
             except OSError as exc:
                 if exc.errno in OUT_OF_RESOURCES:
-                    relay.log_local_error(backend.address, exc)
+                    relay.shortage(backend.address, exc)
                     break
                 # (An address family the host lacks, a policy refusing sockets, ...)
                 pool.connect_failed(backend, describe_error(exc))
@@ -499,7 +511,10 @@ class Pipe:
                 self._attached(side)
                 return
             sock.close()
-            if code in OUT_OF_RESOURCES or code == errno.EADDRNOTAVAIL:  # ours, not the backend's
+            if code in OUT_OF_RESOURCES:  # ours, not the backend's
+                relay.shortage(backend.address, _os_error(code))
+                break
+            if code == errno.EADDRNOTAVAIL:  # no local port left for this backend's address
                 relay.log_local_error(backend.address, _os_error(code))
                 break
             pool.connect_failed(backend, describe_error(_os_error(code)))

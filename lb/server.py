@@ -134,6 +134,7 @@ class Server:
                 self.pool,
                 loop=asyncio.get_running_loop(),
                 on_finish=self._finish,
+                on_shortage=self._pause_accepting,
                 connect_timeout=config.connect_timeout,
                 connect_retries=config.connect_retries,
                 idle_timeout=config.idle_timeout,
@@ -309,12 +310,15 @@ class Server:
             self.accepted_total += 1
             self.pipes[pipe] = None
             pipe.start()
+            if self._accept_retry is not None:  # its connect met a shortage: the next would too
+                return
         if self._room() <= 0:
             self._set_accepting(False)
 
     def _pause_accepting(self) -> None:
+        """Out of descriptors or memory: clients wait in the backlog for a second."""
         self._listen(False)
-        if self._accept_retry is None:
+        if self._accept_retry is None and not self._stopping:
             self._accept_retry = asyncio.get_running_loop().call_later(
                 ACCEPT_RETRY_DELAY, self._retry_accept)
 

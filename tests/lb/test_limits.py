@@ -322,7 +322,8 @@ async def served_again(port: int) -> None:
 
 @pytest.mark.slow
 async def test_out_of_descriptors_at_accept_neither_kills_nor_spins() -> None:
-    """EMFILE at accept: the balancer survives, does not burn CPU, and serves once fds free up.
+    """EMFILE at accept (or at the backend's socket): the balancer survives, does not burn
+    CPU, and serves once fds free up.
 
     The balancer accepts on its own epoll set, under either loop: it logs the error, leaves
     clients in the backlog and tries accept() again a second later.
@@ -371,8 +372,11 @@ async def test_out_of_descriptors_at_accept_neither_kills_nor_spins() -> None:
             lb.signal(signal.SIGTERM)
             assert await lb.wait() == 0
             assert not [line for line in lb.lines if "Traceback" in line], "\n".join(lb.lines)
-        assert "cannot accept a client: [Errno 24] Too many open files; accepting again in 1 s" \
+    # Which call meets the shortage, accept() or the backend's socket() after it, depends on
+    # whether the pipes left one descriptor number free under the limit or none: either pauses.
+    assert ("cannot accept a client: [Errno 24] Too many open files; accepting again in 1 s"
             in lb.output()
+            or f"cannot connect to {echo.label}: [Errno 24] Too many open files" in lb.output())
 
 
 def _process_env(echo: EchoBackend, **settings: str) -> dict[str, str]:
@@ -417,6 +421,51 @@ async def test_health_checks_the_balancer_cannot_make_judge_no_backend() -> None
             assert await lb.wait() == 0
         assert "is DOWN" not in lb.output()
         assert "this balancer is out of resources: 127.0.0.1:" in lb.output()
+
+
+async def test_out_of_descriptors_at_connect_pauses_accepting_so_later_clients_wait() -> None:
+    """A client accepted with the last free descriptor has none left for its backend's socket:
+    it is dropped, and accepting pauses for a second as after EMFILE at accept, so the clients
+    after it wait in the backlog, to be served once descriptors are free, instead of each
+    being accepted and dropped in turn."""
+    async with EchoBackend() as echo, LbProcess(_process_env(echo)) as lb:
+        process = psutil.Process(lb.pid)
+        limits = process.rlimit(psutil.RLIMIT_NOFILE)
+        # The first health check's socket closed: only the listener is left.
+        await eventually(lambda: len(process.net_connections("tcp")) == 1)
+        # One number free under the limit: room to accept a client, none to reach a backend.
+        process.rlimit(psutil.RLIMIT_NOFILE, (_lowest_free_fd(lb.pid) + 1, limits[1]))
+        try:
+            async with connections(lb.port, 1) as [(reader, _)]:
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            async with connections(lb.port, 3) as waiting:
+                for _, writer in waiting:
+                    writer.write(b"ping")
+                # Within the pause (1 s) they are all still in the kernel's accept queue.
+                await eventually(lambda: _accept_queue(lb.port) == 3, timeout=0.8)
+                process.rlimit(psutil.RLIMIT_NOFILE, limits)
+                for reader, _ in waiting:
+                    assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
+                for _, writer in waiting:
+                    await close(writer)
+        finally:
+            process.rlimit(psutil.RLIMIT_NOFILE, limits)
+        lb.signal(signal.SIGTERM)
+        assert await lb.wait() == 0
+    assert f"cannot connect to {echo.label}: [Errno 24] Too many open files" in lb.output()
+    assert "cannot accept a client" not in lb.output()
+
+
+def _accept_queue(port: int) -> int:
+    """How many clients wait in the accept queue of the IPv4 listener on ``port``: for a
+    listening socket the kernel shows that count as its receive queue in /proc/net/tcp."""
+    with open("/proc/net/tcp") as table:
+        for line in itertools.islice(table, 1, None):
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            if state == "0A" and int(local.partition(":")[2], 16) == port:
+                return int(queues.partition(":")[2], 16)
+    raise AssertionError(f"no IPv4 listener on port {port}")
 
 
 def _lowest_free_fd(pid: int) -> int:
