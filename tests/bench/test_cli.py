@@ -20,7 +20,7 @@ from aiohttp import web
 from bench import run
 
 #: The latest full run: its report was written by the report code as it is now.
-RAW_RUN = Path(__file__).resolve().parents[2] / "bench" / "results" / "raw" / "2026-11-29-12.json"
+RAW_RUN = Path(__file__).resolve().parents[2] / "bench" / "results" / "raw" / "2026-11-30.json"
 
 
 def parse_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
