@@ -431,8 +431,9 @@ async def test_out_of_descriptors_at_connect_pauses_accepting_so_later_clients_w
     async with EchoBackend() as echo, LbProcess(_process_env(echo)) as lb:
         process = psutil.Process(lb.pid)
         limits = process.rlimit(psutil.RLIMIT_NOFILE)
-        # The first health check's socket closed: only the listener is left.
-        await eventually(lambda: len(process.net_connections("tcp")) == 1)
+        # The first health check made and its socket closed: only the listener is left.
+        await eventually(
+            lambda: echo.accepted >= 1 and len(process.net_connections("tcp")) == 1)
         # One number free under the limit: room to accept a client, none to reach a backend.
         process.rlimit(psutil.RLIMIT_NOFILE, (_lowest_free_fd(lb.pid) + 1, limits[1]))
         try:
