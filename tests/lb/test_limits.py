@@ -423,28 +423,45 @@ async def test_health_checks_the_balancer_cannot_make_judge_no_backend() -> None
         assert "this balancer is out of resources: 127.0.0.1:" in lb.output()
 
 
-async def test_out_of_descriptors_at_connect_pauses_accepting_so_later_clients_wait() -> None:
-    """A client accepted with the last free descriptor has none left for its backend's socket:
-    it is dropped, and accepting pauses for a second as after EMFILE at accept, so the clients
-    after it wait in the backlog, to be served once descriptors are free, instead of each
-    being accepted and dropped in turn."""
+@pytest.mark.parametrize("spare", [0, 1], ids=["at-accept", "at-connect"])
+async def test_out_of_descriptors_pauses_accepting_and_the_clients_behind_wait(
+    spare: int,
+) -> None:
+    """Out of descriptors, accepting pauses for a second and the clients in the backlog wait
+    there, to be served once descriptors are free. With none free, accept() itself fails; with
+    one, a client is accepted but its backend's socket fails: that client is closed, and the
+    accepting stops there, instead of taking each of the others only to close it in turn."""
     async with EchoBackend() as echo, LbProcess(_process_env(echo)) as lb:
+        accept_line = ("cannot accept a client: [Errno 24] Too many open files; "
+                       "accepting again in 1 s")
+        connect_line = f"cannot connect to {echo.label}: [Errno 24] Too many open files"
+        shortage_line, other_line = (accept_line, connect_line)[::1 if spare == 0 else -1]
         process = psutil.Process(lb.pid)
         limits = process.rlimit(psutil.RLIMIT_NOFILE)
         # The first health check made and its socket closed: only the listener is left.
         await eventually(
             lambda: echo.accepted >= 1 and len(process.net_connections("tcp")) == 1)
-        # One number free under the limit: room to accept a client, none to reach a backend.
-        process.rlimit(psutil.RLIMIT_NOFILE, (_lowest_free_fd(lb.pid) + 1, limits[1]))
+        # A new descriptor takes the lowest free number: ``spare`` numbers free under the limit.
+        process.rlimit(psutil.RLIMIT_NOFILE, (_lowest_free_fd(lb.pid) + spare, limits[1]))
         try:
-            async with connections(lb.port, 1) as [(reader, _)]:
-                assert await asyncio.wait_for(reader.read(), 10) == b""
-            async with connections(lb.port, 3) as waiting:
-                for _, writer in waiting:
-                    writer.write(b"ping")
-                # Within the pause (1 s) they are all still in the kernel's accept queue.
-                await eventually(lambda: _accept_queue(lb.port) == 3, timeout=0.8)
+            async with contextlib.AsyncExitStack() as stack:
+                # Stopped, the balancer sees every client in one wakeup.
+                lb.signal(signal.SIGSTOP)
+                try:
+                    clients = await stack.enter_async_context(connections(lb.port, spare + 3))
+                    for _, writer in clients:
+                        writer.write(b"ping")
+                finally:
+                    lb.signal(signal.SIGCONT)
+                # Once the shortage is logged, the pause has begun, and the clients behind are
+                # in the backlog still.
+                await eventually(lambda: shortage_line in lb.output(), timeout=10)
+                for reader, _ in clients[:spare]:  # it had sent bytes: a reset, or a FIN
+                    assert (await asyncio.wait_for(how_it_ends(reader), 10))[0] == 0
+                waiting = clients[spare:]
+                assert _accept_queue(lb.port) == 3
                 process.rlimit(psutil.RLIMIT_NOFILE, limits)
+                # Restored within the pause: the next accept finds descriptors.
                 for reader, _ in waiting:
                     assert await asyncio.wait_for(reader.readexactly(4), 10) == b"ping"
                 for _, writer in waiting:
@@ -453,8 +470,7 @@ async def test_out_of_descriptors_at_connect_pauses_accepting_so_later_clients_w
             process.rlimit(psutil.RLIMIT_NOFILE, limits)
         lb.signal(signal.SIGTERM)
         assert await lb.wait() == 0
-    assert f"cannot connect to {echo.label}: [Errno 24] Too many open files" in lb.output()
-    assert "cannot accept a client" not in lb.output()
+    assert other_line not in lb.output()
 
 
 def _accept_queue(port: int) -> int:
