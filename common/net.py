@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import ipaddress
 import os
 import re
 import socket
+import struct
 from typing import Final
 from urllib.parse import urlsplit
 
 #: accept() or connect() errors that mean "this process is out of something", not "that peer
 #: is bad".
 OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+#: Fields of Linux's ``struct tcp_info`` (byte offset, layout), for :func:`tcp_info_field`.
+#: ``tcpi_unacked``, a u32 after eight u8 and four u32 fields: for a listening socket, the
+#: length of its accept queue.
+TCPI_UNACKED: Final = (24, struct.Struct("=I"))
+#: ``tcpi_bytes_acked``, a u64 (Linux 4.2 on): the bytes the peer acknowledged; a slow reader
+#: taking what the kernel holds for it moves it.
+TCPI_BYTES_ACKED: Final = (120, struct.Struct("=Q"))
+
+
+def tcp_info_field(sock: _socket.socket, field: tuple[int, struct.Struct]) -> int:
+    """One field of the kernel's ``struct tcp_info`` for ``sock``: 0 where the kernel does not
+    give it (an error, or a kernel older than the field)."""
+    offset, layout = field
+    length = offset + layout.size
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, length)
+    except OSError:
+        return 0
+    if len(info) < length:
+        return 0
+    return int(layout.unpack_from(info, offset)[0])
 
 
 class ListenError(OSError):

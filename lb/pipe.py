@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Final
 
 from common.logs import Throttled
-from common.net import OUT_OF_RESOURCES, host_port
+from common.net import OUT_OF_RESOURCES, TCPI_BYTES_ACKED, host_port, tcp_info_field
 from lb.backends import Backend, BackendPool, describe_error
 
 if not hasattr(select, "epoll"):
@@ -59,11 +59,6 @@ _PARKED: Final = select.EPOLLET
 _MAX_EVENTS: Final = 256
 _STREAM_NONBLOCK: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 _NODELAY: Final = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-#: struct tcp_info holds tcpi_bytes_acked, the bytes the peer acknowledged, as a u64 at byte 120
-#: (Linux 4.2 on): a slow reader taking what the kernel holds for it moves it.
-_TCP_INFO_ACKED: Final = struct.Struct("=Q")
-_TCP_INFO_ACKED_AT: Final = 120
-_TCP_INFO_LENGTH: Final = _TCP_INFO_ACKED_AT + _TCP_INFO_ACKED.size
 
 
 class Reactor:
@@ -789,7 +784,7 @@ class Pipe:
         while nothing passes through Python)."""
         moved = 0
         for side in self._sides():
-            moved += side.received + _acknowledged(side.sock)
+            moved += side.received + tcp_info_field(side.sock, TCPI_BYTES_ACKED)
         return moved
 
     def _maybe_done(self) -> None:
@@ -896,17 +891,6 @@ class _Sweep:
             pipe._tick(self)
         if self.pipes:
             self._handle = self.loop.call_later(self.tick, self._run)
-
-
-def _acknowledged(sock: _socket.socket) -> int:
-    """The bytes the peer of ``sock`` acknowledged (0 where the kernel does not say)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
-    except OSError:
-        return 0
-    if len(info) < _TCP_INFO_LENGTH:  # a kernel older than 4.2
-        return 0
-    return int(_TCP_INFO_ACKED.unpack_from(info, _TCP_INFO_ACKED_AT)[0])
 
 
 def accepted(relay: Relay, fd: int, family: int, address: object) -> Pipe:

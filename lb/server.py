@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import select
 import socket
-import struct
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final
@@ -27,11 +26,13 @@ from typing import Any, Final
 from common.logs import Throttled
 from common.net import (
     OUT_OF_RESOURCES,
+    TCPI_UNACKED,
     ListenError,
     host_port,
     is_ip_address,
     is_local_address,
     listening_socket,
+    tcp_info_field,
 )
 from lb.backends import BackendPool
 from lb.config import Config
@@ -49,10 +50,6 @@ LAST_LOOK: Final = 0.1
 ACCEPT_BATCH: Final = 64
 #: Seconds accepting pauses when this process is out of descriptors or memory.
 ACCEPT_RETRY_DELAY: Final = 1.0
-#: struct tcp_info: ``tcpi_unacked``, a u32 at byte 24 (after eight u8 and four u32 fields).
-_TCP_INFO_UNACKED: Final = struct.Struct("=I")
-_TCP_INFO_UNACKED_AT: Final = 24
-_TCP_INFO_LENGTH: Final = _TCP_INFO_UNACKED_AT + _TCP_INFO_UNACKED.size
 
 
 class Server:
@@ -361,11 +358,7 @@ class Server:
         sock = self._sock
         if sock is None or sock.fileno() < 0:
             return 0
-        try:
-            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LENGTH)
-        except OSError:
-            return 0
-        return int(_TCP_INFO_UNACKED.unpack_from(info, _TCP_INFO_UNACKED_AT)[0])
+        return tcp_info_field(sock, TCPI_UNACKED)
 
     def stats(self) -> dict[str, Any]:
         """Per backend and in total: state, connections, failed connects, bytes, last check."""
