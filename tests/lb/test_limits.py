@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
 
 import psutil
 import pytest
@@ -435,7 +436,8 @@ async def test_out_of_descriptors_pauses_accepting_and_the_clients_behind_wait(
         accept_line = ("cannot accept a client: [Errno 24] Too many open files; "
                        "accepting again in 1 s")
         connect_line = f"cannot connect to {echo.label}: [Errno 24] Too many open files"
-        shortage_line, other_line = (accept_line, connect_line)[::1 if spare == 0 else -1]
+        shortage_line, other_line = ((accept_line, connect_line) if spare == 0
+                                     else (connect_line, accept_line))
         process = psutil.Process(lb.pid)
         limits = process.rlimit(psutil.RLIMIT_NOFILE)
         # The first health check made and its socket closed: only the listener is left.
@@ -444,15 +446,7 @@ async def test_out_of_descriptors_pauses_accepting_and_the_clients_behind_wait(
         # A new descriptor takes the lowest free number: ``spare`` numbers free under the limit.
         process.rlimit(psutil.RLIMIT_NOFILE, (_lowest_free_fd(lb.pid) + spare, limits[1]))
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                # Stopped, the balancer sees every client in one wakeup.
-                lb.signal(signal.SIGSTOP)
-                try:
-                    clients = await stack.enter_async_context(connections(lb.port, spare + 3))
-                    for _, writer in clients:
-                        writer.write(b"ping")
-                finally:
-                    lb.signal(signal.SIGCONT)
+            async with _sent_while_stopped(lb, spare + 3) as clients:
                 # Once the shortage is logged, the pause has begun, and the clients behind are
                 # in the backlog still.
                 await eventually(lambda: shortage_line in lb.output(), timeout=10)
@@ -514,23 +508,30 @@ async def test_a_descriptor_limit_lowers_the_cap_and_waiting_clients_are_served_
         assert "no backend accepted" not in lb.output()
 
 
+@contextlib.asynccontextmanager
+async def _sent_while_stopped(
+    lb: LbProcess, count: int
+) -> AsyncIterator[list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]:
+    """``count`` clients that each sent ``ping`` while the balancer was stopped: every connect
+    completed in the kernel backlog, and its first accept step finds them all there at once."""
+    lb.signal(signal.SIGSTOP)
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            clients = await stack.enter_async_context(connections(lb.port, count))
+            for _, writer in clients:
+                writer.write(b"ping")
+        finally:
+            lb.signal(signal.SIGCONT)
+        yield clients
+
+
 async def _served_in_waves(env: dict[str, str], *, nofile: int | None, cap: int,
                            clients: int) -> LbProcess:
     """``clients`` clients that all wait in the backlog when the balancer wakes: it takes
     ``cap`` of them, the others stay in the backlog until a slot frees, and none is dropped."""
     async with LbProcess(env, nofile=nofile) as lb:
         process = psutil.Process(lb.pid)
-        # Stopped, the balancer accepts nothing: every connect completes in the kernel
-        # backlog, and its first accept step finds them all there at once.
-        lb.signal(signal.SIGSTOP)
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                conns = await stack.enter_async_context(connections(lb.port, clients))
-                for _, writer in conns:
-                    writer.write(b"ping")
-            finally:
-                lb.signal(signal.SIGCONT)
-
+        async with _sent_while_stopped(lb, clients) as conns:
             for wave in range(0, clients, cap):
                 served = conns[wave:wave + cap]
                 for reader, _ in served:
